@@ -1,0 +1,34 @@
+# Polarity — one entry point per job. Everything installs into .venv from this repository's own files.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+DEMO_DIR ?= runs/demo
+
+.PHONY: setup demo test lint bench reliability clean
+
+$(BIN)/polarity: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	# torch is pinned exactly: an unpinned torch pulls gigabytes of CUDA wheels.
+	$(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/polarity
+
+demo: setup
+	$(BIN)/polarity demo --out $(DEMO_DIR)
+
+test: setup
+	bash tests/run_tests.sh
+
+lint: setup
+	$(BIN)/ruff check model service export loadtest tests
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/polarity bench --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,184 @@
+"""A synthetic world where skips carry information.
+
+Items have a category, a latent vector and a quality. Every user has a few sub-interests, each
+tied to a category; one interest is *active* for a stretch of exposures, then the user switches.
+Exposures are drawn from all of the user's interests (active or not), from popular items and at
+random. The click probability depends on the item's affinity to the *active* interest, its
+quality and fatigue (the same item shown again, a stretch wearing on); every other exposure is a
+skip. So the recent skips say which interests are inactive *now* — something the positive
+history, which still shows the old interest until the first click of the new one, cannot say.
+
+Fully vectorised and deterministic per seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.feature_spec import from_dict_strict
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticWorldConfig:
+    users: int = 10_000
+    items: int = 20_000
+    events: int = 1_000_000
+    categories: int = 50
+    latent_dim: int = 16
+    interests_per_user: int = 3
+    mean_stretch: float = 30.0  # mean exposures while one interest stays active
+    active_share: float = 0.25  # exposures drawn from the active interest's category
+    interest_share: float = 0.40  # exposures drawn from the user's other (inactive) interests
+    popular_share: float = 0.20  # the rest is uniformly random
+    positive_rate: float = 0.15  # target share of clicks (8-30% is realistic)
+    affinity_weight: float = 5.0
+    quality_weight: float = 0.7
+    fatigue_weight: float = 1.5
+    days: float = 60.0
+    start_time: int = 1_700_000_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("users", "items", "events", "categories", "latent_dim", "interests_per_user"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.interests_per_user > self.categories:
+            raise ValueError("interests_per_user cannot exceed categories")
+        if not 0.0 < self.positive_rate < 1.0:
+            raise ValueError("positive_rate must be in (0, 1)")
+        if self.active_share + self.interest_share + self.popular_share > 1.0 + 1e-9:
+            raise ValueError("active_share + interest_share + popular_share must be <= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> SyntheticWorldConfig:
+        cfg: SyntheticWorldConfig = from_dict_strict(cls, data)
+        return cfg
+
+
+def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
+    """Columns of a generic event log, sorted by (user, timestamp)."""
+    rng = np.random.default_rng(cfg.seed)
+    U, I, C, k, M, E = cfg.users, cfg.items, cfg.categories, cfg.latent_dim, cfg.interests_per_user, cfg.events
+
+    # Items: category, latent vector near the category centroid, quality, popularity.
+    centroid = _unit(rng.standard_normal((C, k)).astype(np.float32))
+    item_cat = rng.integers(0, C, size=I)
+    item_vec = _unit(centroid[item_cat] + 0.45 * rng.standard_normal((I, k)).astype(np.float32))
+    quality = rng.standard_normal(I).astype(np.float32)
+    pop_weight = 1.0 / (np.arange(I) + 20.0) ** 1.1
+    pop_cdf = np.cumsum(pop_weight[rng.permutation(I)])
+    pop_cdf /= pop_cdf[-1]
+    by_cat = np.argsort(item_cat, kind="stable")
+    cat_ptr = np.zeros(C + 1, dtype=np.int64)
+    np.cumsum(np.bincount(item_cat, minlength=C), out=cat_ptr[1:])
+
+    # Users: activity (events per user) and M distinct interest categories each.
+    activity = rng.lognormal(0.0, 0.8, size=U)
+    counts = rng.multinomial(E, activity / activity.sum())
+    interest_cat = np.argsort(rng.random((U, C)), axis=1)[:, :M]  # (U, M) distinct categories
+    interest_vec = _unit(centroid[interest_cat] + 0.25 * rng.standard_normal((U, M, k)).astype(np.float32))
+
+    user = np.repeat(np.arange(U), counts)  # (E,) sorted by user
+    first = np.zeros(U + 1, dtype=np.int64)
+    np.cumsum(counts, out=first[1:])
+    pos_in_user = np.arange(E) - first[user]
+
+    # Timestamps: integer seconds spread over the period, increasing within a user (ties happen).
+    offset = rng.random(E) * cfg.days * 86400.0
+    order = np.lexsort((offset, user))
+    timestamp = cfg.start_time + np.floor(offset[order]).astype(np.int64)
+
+    # The active interest switches after geometric stretches; never to the same interest.
+    switch = (rng.random(E) < 1.0 / cfg.mean_stretch) & (pos_in_user > 0)
+    step = np.where(switch, rng.integers(1, max(M, 2), size=E), 0)
+    active = (rng.integers(0, M, size=U)[user] + _cumsum_within(step, user, first)) % M
+    stretch_id = _cumsum_within(switch.astype(np.int64), user, first)
+    stretch_start = _segment_starts(user * (E + 1) + stretch_id)
+    pos_in_stretch = np.arange(E) - stretch_start
+
+    # Exposure source: the active interest, another interest, popular or random items.
+    source = rng.random(E)
+    other = (active + rng.integers(1, max(M, 2), size=E)) % M if M > 1 else active
+    chosen_interest = np.where(source < cfg.active_share, active, other)
+    from_interest = source < cfg.active_share + cfg.interest_share
+    from_popular = ~from_interest & (source < cfg.active_share + cfg.interest_share + cfg.popular_share)
+    cat = interest_cat[user, chosen_interest]
+    size = cat_ptr[cat + 1] - cat_ptr[cat]
+    in_cat = by_cat[cat_ptr[cat] + np.floor(rng.random(E) * np.maximum(size, 1)).astype(np.int64)]
+    popular = np.minimum(np.searchsorted(pop_cdf, rng.random(E)), I - 1)
+    uniform = rng.integers(0, I, size=E)
+    item = np.where(from_interest & (size > 0), in_cat, np.where(from_popular, popular, uniform))
+
+    # Fatigue: how often this user saw this item before, and how long the stretch has lasted.
+    repeat = _rank_within_groups(user, item, pos_in_user)
+    fatigue = np.log1p(repeat) + pos_in_stretch / (2.0 * cfg.mean_stretch)
+
+    # Affinity to the active interest (chunked to bound memory at 10M+ events).
+    affinity = np.empty(E, dtype=np.float32)
+    for lo in range(0, E, 1 << 20):
+        hi = min(E, lo + (1 << 20))
+        iv = interest_vec[user[lo:hi], active[lo:hi]]  # (chunk, k)
+        affinity[lo:hi] = np.einsum("ij,ij->i", item_vec[item[lo:hi]], iv)
+    score = cfg.affinity_weight * affinity + cfg.quality_weight * quality[item] - cfg.fatigue_weight * fatigue
+    bias = _calibrate_bias(score, cfg.positive_rate, rng)
+    label = (rng.random(E) < _sigmoid(score + bias)).astype(np.int8)
+
+    # Typed behaviours: some clicks are likes, a few skips are explicit dislikes.
+    kind = rng.random(E)
+    event = np.where(label == 1, np.where(kind < 0.15, "like", "click"), np.where(kind < 0.03, "dislike", "skip"))
+    return {
+        "user_id": user.astype(np.int64),
+        "item_id": item.astype(np.int64),
+        "timestamp": timestamp,
+        "label": label,
+        "event": event.astype(object),
+        "category": item_cat[item].astype(np.int64),
+    }
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _cumsum_within(values: np.ndarray, user: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Inclusive cumulative sum restarted at each user's first event (events sorted by user)."""
+    total = np.cumsum(values)
+    before = np.concatenate([[0], total])[first[:-1]]  # sum before each user's first event
+    return total - before[user]
+
+
+def _segment_starts(key: np.ndarray) -> np.ndarray:
+    """Index of the first element of each run of equal consecutive keys, per element."""
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    run = np.cumsum(np.concatenate([[True], key[1:] != key[:-1]])) - 1
+    return starts[run]
+
+
+def _rank_within_groups(user: np.ndarray, item: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """How many earlier events of the same (user, item) pair each event has."""
+    order = np.lexsort((position, item, user))
+    u, it = user[order], item[order]
+    new = np.concatenate([[True], (u[1:] != u[:-1]) | (it[1:] != it[:-1])])
+    group_start = np.maximum.accumulate(np.where(new, np.arange(len(order)), 0))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - group_start
+    return rank
+
+
+def _calibrate_bias(score: np.ndarray, rate: float, rng: np.random.Generator) -> float:
+    """The bias that makes the mean click probability equal `rate` (bisection on a sample)."""
+    sample = score[rng.integers(0, len(score), size=min(len(score), 200_000))].astype(np.float64)
+    lo, hi = -30.0, 30.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if _sigmoid(sample + mid).mean() < rate:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from redis_process import RedisProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real redis-server: POLARITY_TEST_REDIS_URL if given, else a private one."""
+    given = os.environ.get("POLARITY_TEST_REDIS_URL")
+    if given:
+        yield given
+        return
+    server = RedisProcess().start()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def private_redis() -> Iterator[RedisProcess]:
+    """A redis-server owned by one test, which it may stop, restart or slow down."""
+    server = RedisProcess().start()
+    try:
+        yield server
+    finally:
+        server.close()
