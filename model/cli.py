@@ -80,6 +80,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _print_metrics(metrics: dict[str, object]) -> None:
     rows = []
     for part in ("valid", "test"):
+        if part not in metrics:
+            continue
         m = metrics[part]
         assert isinstance(m, dict)
         rows.append(f"| {part:5} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['logloss']:.4f} | {m['n']:,} |")

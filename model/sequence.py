@@ -269,7 +269,8 @@ def _count_before(stream: PolarityStreams, user: np.ndarray, cutoff: np.ndarray)
         below[active] = ts[mid[active]] < cutoff[active]
         lo = np.where(active & below, mid + 1, lo)
         hi = np.where(active & ~below, mid, hi)
-    return lo - start
+    counts: np.ndarray = lo - start
+    return counts
 
 
 def _count_before_events(
@@ -300,7 +301,8 @@ def _count_before_events(
         before[active] = (o_ts[m] < t_act) | ((o_ts[m] == t_act) & (o_seq[m] < sq[active]))
         lo = np.where(active & before, mid + 1, lo)
         hi = np.where(active & ~before, mid, hi)
-    return (lo - start).reshape(S, K)
+    counts: np.ndarray = (lo - start).reshape(S, K)
+    return counts
 
 
 def _count_less_rows(sorted_rows: np.ndarray, n_valid: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -358,7 +360,8 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a counter-based hash, so random modes need no shared RNG state."""
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+    out: np.ndarray = x ^ (x >> np.uint64(31))
+    return out
 
 
 def _uniform(seed: int, n_pos: np.ndarray, n_neg: np.ndarray, cutoff: np.ndarray, width: int,

@@ -54,6 +54,9 @@ class TrainConfig:
     split: str = "temporal"
     epochs: int = 1
     batch_size: int = 2048
+    # The optimiser step sees the whole batch; forward/backward run in micro-batches whose
+    # (N, L, d) activations stay in the CPU cache (same gradient, several times faster on CPU).
+    micro_batch: int = 256
     lr: float = 1e-3
     d_model: int = 64
     seed: int = 0
@@ -139,13 +142,23 @@ def _prefetch(it: Iterator[Any], depth: int = 3) -> Iterator[Any]:
         yield item
 
 
+def _rows_of(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """Samples lo:hi of a training batch (one sequence per sample, cand_user == arange)."""
+    out = {k: v[lo:hi] for k, v in tensors.items()}
+    out["cand_user"] = out["cand_user"] - lo
+    return out
+
+
 @torch.no_grad()
 def predict(model: nn.Module, source: SampleSource, *, batch_size: int) -> np.ndarray:
     """Click probabilities for every sample of `source`, in order."""
     model.eval()
     out = np.empty(len(source), dtype=np.float32)
     for rows, inputs, _ in _prefetch(source.iter_batches(batch_size, shuffle=False)):
-        out[rows] = torch.sigmoid(model(**to_tensors(inputs))).numpy()
+        tensors = to_tensors(inputs)
+        for lo in range(0, len(rows), 512):  # cache-sized chunks, as in training
+            hi = min(len(rows), lo + 512)
+            out[rows[lo:hi]] = torch.sigmoid(model(**_rows_of(tensors, lo, hi))).numpy()
     return out
 
 
@@ -169,7 +182,7 @@ def evaluate_source(model: nn.Module, source: SampleSource, *, batch_size: int) 
 
 
 def _metrics(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    n = int(len(labels))
+    n = len(labels)
     if n == 0 or labels.min() == labels.max():
         return {"n": n, "auc": None, "gauc": None, "logloss": None}
     return {"n": n, "auc": auc(labels, probs), "gauc": gauc(users, labels, probs), "logloss": logloss(labels, probs)}
@@ -222,6 +235,24 @@ def load_checkpoint(run_dir: Path | str) -> LoadedRun:
                      train_config=TrainConfig.from_dict(ckpt["train_config"]), metrics=ckpt["metrics"])
 
 
+def evaluate_run(run_dir: Path | str, *, data: str | None = None, source: str = "auto") -> dict[str, Any]:
+    """Re-evaluate a trained run: on its own log's valid/test parts, or on every impression of `data`
+    (encoded with the run's own vocabulary, so unseen ids take the OOV path)."""
+    run = load_checkpoint(run_dir)
+    cfg = run.train_config
+    batch = cfg.eval_batch_size
+    table = load_events(data if data is not None else cfg.data, source=source if data is not None else cfg.source)
+    events = encode_events(table, run.vocab)
+    history = history_table(events)
+    make = lambda rows: sample_source(events, history, rows=rows, spec=run.spec.sequence,  # noqa: E731
+                                      n_items=run.vocab.n_items)
+    if data is not None:
+        return {"test": evaluate_source(run.model, make(np.arange(len(table.label))), batch_size=batch)}
+    parts = split_events(table, how=cfg.split, seed=cfg.seed)
+    return {"valid": evaluate_source(run.model, make(parts.valid), batch_size=batch),
+            "test": evaluate_source(run.model, make(parts.test), batch_size=batch)}
+
+
 def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None, progress: bool = True
           ) -> dict[str, Any]:
     """Train one model, evaluate it on validation and test, write the run directory."""
@@ -242,10 +273,16 @@ def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None
         model.train()
         batches = data.train.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
         for _rows, inputs, labels in _prefetch(batches):
-            logits = model(**to_tensors(inputs))  # (N,)
-            loss = loss_fn(logits, torch.from_numpy(labels))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            tensors, targets = to_tensors(inputs), torch.from_numpy(labels)
+            n = len(labels)
+            loss = torch.zeros(())
+            for lo in range(0, n, cfg.micro_batch or n):
+                hi = min(n, lo + (cfg.micro_batch or n))
+                # Sum of chunk means weighted by chunk size == mean over the whole batch.
+                part = loss_fn(model(**_rows_of(tensors, lo, hi)), targets[lo:hi]) * ((hi - lo) / n)
+                part.backward()
+                loss += part.detach()
             opt.step()
             seen += len(labels)
             bar.update(len(labels))

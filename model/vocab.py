@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,9 @@ class Vocabulary:
 
     @classmethod
     def load(cls, directory: Path) -> Vocabulary:
-        read = lambda name: json.loads((directory / name).read_text())  # noqa: E731
+        def read(name: str) -> Any:
+            return json.loads((directory / name).read_text())
+
         events = read("event_types.json")
         return cls(
             items=tuple(read("items.json")),

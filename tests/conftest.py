@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_process import RedisProcess  # noqa: E402
+from redis_process import RedisProcess
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,8 @@ def split_events(
         order = np.lexsort((table.source_row, table.timestamp))
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
-        test_from = int(round(n * (1 - test)))
-        valid_from = int(round(n * (1 - test - valid)))
+        test_from = round(n * (1 - test))
+        valid_from = round(n * (1 - test - valid))
         part = np.where(rank >= test_from, 2, np.where(rank >= valid_from, 1, 0))
     else:
         rng = np.random.default_rng(seed)

@@ -158,8 +158,9 @@ def test_temporal_split_and_vocab_on_train_only(tmp_path: Path) -> None:
 
 def test_user_split_keeps_users_whole() -> None:
     cols = generate(SyntheticWorldConfig(users=100, items=300, events=5000, seed=5))
-    from model.data.events import table_from_arrow  # noqa: PLC0415
-    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow as pa
+
+    from model.data.events import table_from_arrow
 
     t = table_from_arrow(pa.table(cols), path=Path("mem"))
     parts = split_events(t, how="user")

@@ -61,7 +61,7 @@ def table_of(events: list[Ev], n_users: int) -> HistoryTable:
     streams = []
     for sign in (1, -1):
         chosen = sorted((e for e in events if e.pol == sign), key=lambda e: (e.user, e.ts, e.seq))
-        col = lambda name, dt: np.array([getattr(e, name) for e in chosen], dtype=dt)  # noqa: E731
+        col = lambda name, dt, chosen=chosen: np.array([getattr(e, name) for e in chosen], dtype=dt)  # noqa: E731
         streams.append(
             PolarityStreams.from_user_sorted(
                 n_users=n_users, user=col("user", np.int64), item=col("item", np.int64),

@@ -1,0 +1,52 @@
+"""Offline CTR metrics: AUC, GAUC (impression-weighted per-user AUC) and logloss. Torch-free."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC via the rank-sum statistic; tied scores share their average rank."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs both positive and negative labels")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    # Average rank (1-based) per run of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], scores.size]
+    avg_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(scores.size, dtype=np.float64)
+    ranks[order] = np.repeat(avg_rank, ends - starts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Per-user AUC weighted by the user's impressions; users with a single class are skipped."""
+    users = np.asarray(users)
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(users, kind="stable")
+    u, lab, sc = users[order], labels[order], scores[order]
+    bounds = np.flatnonzero(np.r_[True, u[1:] != u[:-1], True])
+    total, weight = 0.0, 0
+    for lo, hi in itertools.pairwise(bounds):
+        n_pos = int(lab[lo:hi].sum())
+        if 0 < n_pos < hi - lo:
+            total += auc(lab[lo:hi], sc[lo:hi]) * (hi - lo)
+            weight += hi - lo
+    if weight == 0:
+        raise ValueError("GAUC needs at least one user with both positive and negative labels")
+    return total / weight
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy of probabilities (clipped away from 0 and 1)."""
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))

@@ -1,0 +1,1 @@
+"""CTR models composed from `model.modules`: DIN, Transformer, OneTrans (default) and a dual-stream baseline."""

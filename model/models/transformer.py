@@ -1,0 +1,55 @@
+"""Transformer: a self-attention encoder over the behaviour tokens, then target attention and an MLP head."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.feature_spec import FeatureSpec
+from model.models.config import ModelConfig
+from model.models.ctr_model import SequenceCTRModel
+from model.modules.attention import SelfAttentionBlock, TargetAttention, sequence_attention_mask
+from model.modules.feedforward import MLP, RMSNorm
+
+
+class SequenceEncoder(nn.Module):
+    """Bidirectional pre-RMSNorm encoder: (B, L, d) -> (B, L, d)."""
+
+    def __init__(self, *, config: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(d_model=config.d_model, n_heads=config.n_heads, ffn_mult=config.ffn_mult)
+            for _ in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.d_model)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        att_mask = sequence_attention_mask(mask, causal=False)
+        for block in self.blocks:
+            x = block(x, att_mask)
+        return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
+
+
+class TransformerCTR(SequenceCTRModel):
+    def __init__(self, *, config: ModelConfig, spec: FeatureSpec) -> None:
+        super().__init__(config=config, spec=spec)
+        d = config.d_model
+        self.encoder = SequenceEncoder(config=config)
+        self.target_attention = TargetAttention(d_model=d, hidden=config.attention_hidden)
+        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
+
+    def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
+              cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        if self.gate is not None and self.config.tapf_placement == "input":
+            cand_mask = mask.index_select(0, cand_user)  # (N, L)
+            encoded = self.encoder(self.gated(tokens, polarity, cand, cand_user), cand_mask)  # (N, L, d)
+            pooled, weights = self.target_attention(encoded, cand, cand_mask)
+        else:
+            encoded = self.encoder(tokens, mask)  # (U, L, d), once per user
+            if self.gate is not None:
+                pooled, weights = self.target_attention(self.gated(encoded, polarity, cand, cand_user), cand,
+                                                        mask.index_select(0, cand_user))
+            else:
+                pooled, weights = self.target_attention(encoded, cand, mask, cand_user)
+        features = torch.cat([pooled, cand, pooled * cand, stats.index_select(0, cand_user)], dim=-1)
+        return self.head(features).squeeze(-1), weights

@@ -1,0 +1,1 @@
+"""Building blocks (embeddings, the TAPF polarity gate, attention, feed-forward); `model.models` composes them."""

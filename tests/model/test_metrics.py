@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.metrics import auc, gauc, logloss
+
+
+def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+def test_auc_matches_pairwise_definition_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.integers(0, 10, 300).astype(float)  # many ties
+    assert auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores))
+    assert auc(np.array([0, 1]), np.array([0.1, 0.9])) == 1.0
+
+
+def test_gauc_weights_users_by_impressions_and_skips_one_class_users() -> None:
+    users = np.array([1, 1, 1, 1, 2, 2, 3, 3])
+    labels = np.array([1, 0, 1, 0, 1, 0, 1, 1])  # user 3 has one class
+    scores = np.array([0.9, 0.1, 0.2, 0.8, 0.1, 0.9, 0.5, 0.5])
+    u1 = _pairwise_auc(labels[:4], scores[:4])
+    u2 = _pairwise_auc(labels[4:6], scores[4:6])
+    assert gauc(users, labels, scores) == pytest.approx((4 * u1 + 2 * u2) / 6)
+
+
+def test_logloss_and_errors() -> None:
+    assert logloss(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(np.log(2))
+    with pytest.raises(ValueError):
+        auc(np.array([1, 1]), np.array([0.1, 0.2]))
