@@ -61,6 +61,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_bundle
+
+    out = export_bundle(args.run_dir, args.out, optimize=args.optimize, check=args.check, tol=args.tol,
+                        name=args.name, version=args.model_version)
+    print(f"bundle written to {out}" + (" (parity checked)" if args.check else ""))
+    return 0
+
+
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from model.experiments import run_experiment
 
@@ -75,6 +84,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from model.demo import run_demo
 
     return run_demo(out=Path(args.out), events=args.events, seed=args.seed)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from model.bench import BENCHES, run_bench
+
+    return run_bench(out=Path(args.out), only=args.only.split(",") if args.only else list(BENCHES))
 
 
 def _print_metrics(metrics: dict[str, object]) -> None:
@@ -141,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="auto")
     commands["evaluate"] = _cmd_evaluate
 
+    p = sub.add_parser("export", help="export a trained run to an ONNX bundle (model.onnx + manifest.json)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="bundle directory")
+    p.add_argument("--optimize", action="store_true", help="also save an ONNX Runtime-optimised model.opt.onnx")
+    p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse the bundle unless ONNX Runtime matches torch within --tol (default: on)")
+    p.add_argument("--tol", type=float, default=1e-5, help="max abs probability difference for --check")
+    p.add_argument("--name", default=None, help="model name in the manifest (default: run directory name)")
+    p.add_argument("--model-version", default=None, help="model version in the manifest (default: sha256 prefix)")
+    commands["export"] = _cmd_export
+
     p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation")
     p.add_argument("name", choices=("rq1", "length", "ratio", "ablation"))
     p.add_argument("--data", required=True)
@@ -155,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=300_000)
     p.add_argument("--seed", type=int, default=0)
     commands["demo"] = _cmd_demo
+
+    p = sub.add_parser("bench", help="measure and rewrite the matching sections of BENCHMARKS.md")
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--only", default="", help="comma-separated bench names (default: all)")
+    commands["bench"] = _cmd_bench
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -42,7 +42,7 @@ def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
             weight += hi - lo
     if weight == 0:
         raise ValueError("GAUC needs at least one user with both positive and negative labels")
-    return total / weight
+    return float(total / weight)
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:

@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     max_train_samples: int = 0  # 0 = all; for quick runs
     eval_batch_size: int = 8192
+    eval_valid: bool = True  # experiments that only report test may skip the validation pass
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,10 +143,10 @@ def _prefetch(it: Iterator[Any], depth: int = 3) -> Iterator[Any]:
         yield item
 
 
-def _rows_of(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+def _rows_of(tensors: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor | None]:
     """Samples lo:hi of a training batch (one sequence per sample, cand_user == arange)."""
-    out = {k: v[lo:hi] for k, v in tensors.items()}
-    out["cand_user"] = out["cand_user"] - lo
+    out: dict[str, torch.Tensor | None] = {k: v[lo:hi] for k, v in tensors.items()}
+    out["cand_user"] = None  # candidate n reads sequence n: the models skip every gather
     return out
 
 
@@ -185,7 +186,11 @@ def _metrics(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[s
     n = len(labels)
     if n == 0 or labels.min() == labels.max():
         return {"n": n, "auc": None, "gauc": None, "logloss": None}
-    return {"n": n, "auc": auc(labels, probs), "gauc": gauc(users, labels, probs), "logloss": logloss(labels, probs)}
+    try:  # a bucket can hold both labels and still no single user with both
+        group_auc: float | None = gauc(users, labels, probs)
+    except ValueError:
+        group_auc = None
+    return {"n": n, "auc": auc(labels, probs), "gauc": group_auc, "logloss": logloss(labels, probs)}
 
 
 def save_checkpoint(path: Path, *, model: nn.Module, cfg: TrainConfig, spec: FeatureSpec, vocab: Vocabulary,
@@ -291,7 +296,7 @@ def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None
     train_s = time.perf_counter() - t_train
 
     metrics: dict[str, Any] = {
-        "valid": evaluate_source(model, data.valid, batch_size=cfg.eval_batch_size),
+        "valid": evaluate_source(model, data.valid, batch_size=cfg.eval_batch_size) if cfg.eval_valid else None,
         "test": evaluate_source(model, data.test, batch_size=cfg.eval_batch_size),
         "config": {**dataclasses.asdict(cfg), "model": cfg.model_config().to_dict(),
                    "sequence": dataclasses.asdict(data.spec.sequence)},

@@ -28,7 +28,7 @@ class SyntheticWorldConfig:
     categories: int = 50
     latent_dim: int = 16
     interests_per_user: int = 3
-    mean_stretch: float = 30.0  # mean exposures while one interest stays active
+    mean_stretch: float = 20.0  # mean exposures while one interest stays active
     active_share: float = 0.25  # exposures drawn from the active interest's category
     interest_share: float = 0.40  # exposures drawn from the user's other (inactive) interests
     popular_share: float = 0.20  # the rest is uniformly random
@@ -36,6 +36,8 @@ class SyntheticWorldConfig:
     affinity_weight: float = 5.0
     quality_weight: float = 0.7
     fatigue_weight: float = 1.5
+    item_spread: float = 0.15  # per-dimension noise of an item's latent vector around its category
+    interest_spread: float = 0.10  # per-dimension noise of a sub-interest around its category
     days: float = 60.0
     start_time: int = 1_700_000_000
     seed: int = 0
@@ -65,7 +67,7 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     # Items: category, latent vector near the category centroid, quality, popularity.
     centroid = _unit(rng.standard_normal((C, k)).astype(np.float32))
     item_cat = rng.integers(0, C, size=I)
-    item_vec = _unit(centroid[item_cat] + 0.45 * rng.standard_normal((I, k)).astype(np.float32))
+    item_vec = _unit(centroid[item_cat] + cfg.item_spread * rng.standard_normal((I, k)).astype(np.float32))
     quality = rng.standard_normal(I).astype(np.float32)
     pop_weight = 1.0 / (np.arange(I) + 20.0) ** 1.1
     pop_cdf = np.cumsum(pop_weight[rng.permutation(I)])
@@ -78,7 +80,7 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     activity = rng.lognormal(0.0, 0.8, size=U)
     counts = rng.multinomial(E, activity / activity.sum())
     interest_cat = np.argsort(rng.random((U, C)), axis=1)[:, :M]  # (U, M) distinct categories
-    interest_vec = _unit(centroid[interest_cat] + 0.25 * rng.standard_normal((U, M, k)).astype(np.float32))
+    interest_vec = _unit(centroid[interest_cat] + cfg.interest_spread * rng.standard_normal((U, M, k)).astype(np.float32))
 
     user = np.repeat(np.arange(U), counts)  # (E,) sorted by user
     first = np.zeros(U + 1, dtype=np.int64)

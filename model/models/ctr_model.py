@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
+from model.modules.gather import per_candidate
 from model.modules.embedding import BehaviourEmbedding
 from model.modules.polarity_gate import TAPFGate
 
@@ -32,7 +33,7 @@ class SequenceCTRModel(nn.Module):
 
     def forward(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
                 seq_mask: Tensor, user_stats: Tensor, cand_item: Tensor, cand_category: Tensor,
-                cand_user: Tensor) -> Tensor:
+                cand_user: Tensor | None = None) -> Tensor:
         tokens = self.embed.tokens(seq_item, seq_category, seq_polarity, seq_event, seq_mask)  # (U, L, d)
         cand = self.embed.candidate(cand_item, cand_category)  # (N, d)
         logits, _ = self.score(tokens=tokens, polarity=seq_polarity, mask=seq_mask, stats=user_stats, cand=cand,
@@ -42,7 +43,7 @@ class SequenceCTRModel(nn.Module):
     @torch.no_grad()
     def attention(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
                   seq_mask: Tensor, user_stats: Tensor, cand_item: Tensor, cand_category: Tensor,
-                  cand_user: Tensor) -> Tensor:
+                  cand_user: Tensor | None) -> Tensor:
         """How much each candidate's aggregation weighs each input token: (N, L), rows sum to 1 (or 0)."""
         tokens = self.embed.tokens(seq_item, seq_category, seq_polarity, seq_event, seq_mask)
         cand = self.embed.candidate(cand_item, cand_category)
@@ -51,12 +52,12 @@ class SequenceCTRModel(nn.Module):
         return weights
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
-              cand_user: Tensor) -> tuple[Tensor, Tensor]:
+              cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
         """tokens (U, L, d), polarity/mask (U, L), stats (U, S), cand (N, d), cand_user (N,)
         -> logits (N,), attention weights (N, L)."""
         raise NotImplementedError
 
-    def gated(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor) -> Tensor:
+    def gated(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor | None) -> Tensor:
         """TAPF per candidate: (U, L, d) -> (N, L, d)."""
         assert self.gate is not None
         return self.gate(tokens, polarity, cand, cand_user)

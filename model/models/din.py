@@ -7,6 +7,7 @@ from torch import Tensor
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
+from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import TargetAttention
 from model.modules.feedforward import MLP
@@ -20,11 +21,11 @@ class DIN(SequenceCTRModel):
         self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
-              cand_user: Tensor) -> tuple[Tensor, Tensor]:
+              cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.gate is not None:  # DIN has no encoder: both placements gate the embedded tokens
             pooled, weights = self.target_attention(self.gated(tokens, polarity, cand, cand_user), cand,
-                                                    mask.index_select(0, cand_user))
+                                                    per_candidate(mask, cand_user))
         else:
             pooled, weights = self.target_attention(tokens, cand, mask, cand_user)
-        features = torch.cat([pooled, cand, pooled * cand, stats.index_select(0, cand_user)], dim=-1)
+        features = torch.cat([pooled, cand, pooled * cand, per_candidate(stats, cand_user)], dim=-1)
         return self.head(features).squeeze(-1), weights

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
+from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.models.transformer import SequenceEncoder
 from model.modules.attention import TargetAttention
@@ -25,13 +26,13 @@ class DualStream(SequenceCTRModel):
         self.head = MLP(d_in=4 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
-              cand_user: Tensor) -> tuple[Tensor, Tensor]:
+              cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
         pooled, weights = [], []
         for encoder, attention, sign in zip(self.encoders, self.attentions, (1, -1), strict=True):
             stream_mask = mask & (polarity == sign)  # (U, L) this polarity's tokens only
             p, w = attention(encoder(tokens, stream_mask), cand, stream_mask, cand_user)
             pooled.append(p)
             weights.append(w)
-        features = torch.cat([*pooled, pooled[0] * cand, cand, stats.index_select(0, cand_user)], dim=-1)
+        features = torch.cat([*pooled, pooled[0] * cand, cand, per_candidate(stats, cand_user)], dim=-1)
         # Each stream's weights sum to 1 over its own tokens; halve so a row sums to 1 overall.
         return self.head(features).squeeze(-1), 0.5 * (weights[0] + weights[1])

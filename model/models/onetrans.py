@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
+from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import SelfAttentionBlock, masked_softmax, sequence_attention_mask
 from model.modules.feedforward import MLP, RMSNorm
@@ -59,10 +60,13 @@ class NSTokenBlock(nn.Module):
         h = self.n_heads
         qkv = torch.einsum("ntd,tde->nte", self._rms(ns, self.norm1), self.qkv) + self.qkv_bias
         q, k, v = qkv.view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each (N, H, T, dh)
-        keys = torch.cat([s_keys, k], dim=2)  # (N, H, Ls + T, dh)
-        values = torch.cat([s_values, v], dim=2)
-        mask = torch.cat([s_mask[:, None, :].expand(n, t, -1), self.ns_causal.expand(n, t, t)], dim=-1)
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])  # (N, H, T, dh)
+        # Scores against S keys and NS keys separately (no (N, H, L+T, dh) copy), one softmax over both.
+        scale = 1.0 / math.sqrt(d // h)
+        s_scores = (q @ s_keys.transpose(-1, -2)).masked_fill(~s_mask[:, None, None, :], float("-inf"))  # (N,H,T,Ls)
+        ns_scores = (q @ k.transpose(-1, -2)).masked_fill(~self.ns_causal, float("-inf"))  # (N, H, T, T)
+        weights = torch.softmax(torch.cat([s_scores, ns_scores], dim=-1) * scale, dim=-1)
+        ls = s_scores.shape[-1]
+        att = weights[..., :ls] @ s_values + weights[..., ls:] @ v  # (N, H, T, dh)
         y = ns + torch.einsum("ntd,tde->nte", att.transpose(1, 2).reshape(n, t, d), self.out)
         hidden = F.silu(torch.einsum("ntd,tdf->ntf", self._rms(y, self.norm2), self.ffn_in))
         return y + torch.einsum("ntf,tfd->ntd", hidden, self.ffn_out)
@@ -88,35 +92,34 @@ class OneTrans(SequenceCTRModel):
         self.agg_out = nn.Linear(d, d, bias=False)
         self.head = MLP(d_in=t * d, hidden=config.head_hidden, d_out=1)
 
-    def encode(self, s: Tensor, mask: Tensor, ns: Tensor, cand_user: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def encode(self, s: Tensor, mask: Tensor, ns: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The unified stack. s (B, L, d) per sequence, mask (B, L), ns (N, T, d), cand_user (N,) into B
         -> final S (B, Lf, d), its mask (B, Lf), NS (N, T, d)."""
         for block, ns_block, n_q in zip(self.s_blocks, self.ns_blocks, self.queries, strict=True):
             att_mask = sequence_attention_mask(mask, causal=True, n_queries=n_q)  # (B, 1, Q, L)
             s_next, keys, values = block.attend(s, att_mask, n_q)
-            ns = ns_block(ns, keys.index_select(0, cand_user), values.index_select(0, cand_user),
-                          mask.index_select(0, cand_user))
+            ns = ns_block(ns, per_candidate(keys, cand_user), per_candidate(values, cand_user),
+                          per_candidate(mask, cand_user))
             s, mask = s_next, mask[:, -n_q:]
         return self.s_norm(s) * mask.unsqueeze(-1).to(s.dtype), mask, ns
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
-              cand_user: Tensor) -> tuple[Tensor, Tensor]:
+              cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
         n, length = cand.shape[0], tokens.shape[1]
-        ns = self.auto_split(torch.cat([cand, stats.index_select(0, cand_user)], -1)).view(n, -1, cand.shape[1])
+        ns = self.auto_split(torch.cat([cand, per_candidate(stats, cand_user)], -1)).view(n, -1, cand.shape[1])
         if self.gate is not None and self.config.tapf_placement == "input":
             # Literal placement: gated input tokens, so the whole stack runs once per candidate.
-            per_cand = torch.arange(n, device=cand.device)
             s, s_mask, ns = self.encode(self.gated(tokens, polarity, cand, cand_user),
-                                        mask.index_select(0, cand_user), ns, per_cand)
+                                        per_candidate(mask, cand_user), ns, None)
             agg_tokens, agg_mask = s, s_mask  # (N, Lf, d)
         else:
             s, s_mask, ns = self.encode(tokens, mask, ns, cand_user)  # S part once per user
             lf = s.shape[1]
-            agg_mask = s_mask.index_select(0, cand_user)
+            agg_mask = per_candidate(s_mask, cand_user)
             if self.gate is not None:
                 agg_tokens = self.gated(s, polarity[:, -lf:], cand, cand_user)  # (N, Lf, d)
             else:
-                agg_tokens = s.index_select(0, cand_user)
+                agg_tokens = per_candidate(s, cand_user)
         # Weighted aggregation (paper fig. 2): each NS token pools the (gated) S tokens.
         q = self.agg_query(self.ns_norm(ns))  # (N, T, d)
         weights = masked_softmax(torch.einsum("ntd,nld->ntl", q, agg_tokens) / math.sqrt(q.shape[-1]),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.modules.feedforward import RMSNorm
+from model.modules.gather import per_candidate
 
 
 def sequence_attention_mask(seq_mask: Tensor, *, causal: bool, n_queries: int | None = None) -> Tensor:
@@ -90,8 +91,8 @@ class TargetAttention(nn.Module):
         """
         token_hidden = self.token(tokens)  # (U or N, L, h)
         if cand_user is not None:
-            tokens, mask = tokens.index_select(0, cand_user), mask.index_select(0, cand_user)
-            token_hidden = token_hidden.index_select(0, cand_user)
+            tokens, mask = per_candidate(tokens, cand_user), per_candidate(mask, cand_user)
+            token_hidden = per_candidate(token_hidden, cand_user)
         hidden = token_hidden + self.target(cand).unsqueeze(1) + self.product(tokens * cand.unsqueeze(1))
         weights = masked_softmax(self.score(F.silu(hidden)).squeeze(-1), mask)  # (N, L)
         return torch.einsum("nl,nld->nd", weights, tokens), weights

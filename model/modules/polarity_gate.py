@@ -27,14 +27,21 @@ def _forward_parts(
     tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor, w_int: Tensor, w_tok: Tensor,
     w_mix: Tensor, pol_bias: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    h = tokens.index_select(0, cand_user)  # (N, L, d) the candidate's user's tokens
+    identity = _is_identity(cand_user, tokens.shape[0])
+    h = tokens if identity else tokens.index_select(0, cand_user)  # (N, L, d) the candidate's user's tokens
     x = h * cand.unsqueeze(1)  # (N, L, d) interaction h_k * e_v
     z = F.linear(x, w_int)  # (N, L, d)
     e = torch.relu(z)  # (N, L, d) eq. 3
     pidx = (polarity + 1).long()  # (U, L) row of pol_bias: -1 -> 0, pad -> 1, +1 -> 2
     a_user = F.linear(tokens, w_tok) + pol_bias[pidx]  # (U, L, d) candidate-independent part
-    t = torch.tanh(a_user.index_select(0, cand_user) + F.linear(e, w_mix))  # (N, L, d) = 2g - 1
+    t = torch.tanh((a_user if identity else a_user.index_select(0, cand_user)) + F.linear(e, w_mix))  # 2g - 1
     return h, x, z, e, t, pidx
+
+
+def _is_identity(cand_user: Tensor, n_users: int) -> bool:
+    """Training case: candidate n reads sequence n, so gathers and scatters can be skipped."""
+    n = cand_user.shape[0]
+    return n == n_users and bool((cand_user == torch.arange(n, device=cand_user.device)).all())
 
 
 @torch.library.custom_op("tapf::gate", mutates_args=())
@@ -48,8 +55,8 @@ def tapf_gate(
     cand_user (N,) int64 in [0, U), w_int/w_tok/w_mix (d, d), pol_bias (3, d) -> (N, L, d).
     """
     h, _x, _z, e, t, _ = _forward_parts(tokens, polarity, cand, cand_user, w_int, w_tok, w_mix, pol_bias)
-    p = polarity.index_select(0, cand_user).unsqueeze(-1)  # (N, L, 1)
-    return h + p * t * e
+    p = (polarity if _is_identity(cand_user, tokens.shape[0]) else polarity.index_select(0, cand_user)).unsqueeze(-1)
+    return h + p * t * e  # (N, L, d)
 
 
 @tapf_gate.register_fake
@@ -68,15 +75,19 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[T
     tokens, polarity, cand, cand_user, w_int, w_tok, w_mix, pol_bias = ctx.saved_tensors  # type: ignore[attr-defined]
     h, x, z, e, t, pidx = _forward_parts(tokens, polarity, cand, cand_user, w_int, w_tok, w_mix, pol_bias)
     d = tokens.shape[-1]
-    p = polarity.index_select(0, cand_user).unsqueeze(-1)  # (N, L, 1)
+    identity = _is_identity(cand_user, tokens.shape[0])
+    p = (polarity if identity else polarity.index_select(0, cand_user)).unsqueeze(-1)  # (N, L, 1)
     g_pe = grad * p
     d_a = g_pe * e * (1.0 - t * t)  # (N, L, d) through tanh
     d_e = g_pe * t + d_a @ w_mix  # (N, L, d)
     d_z = d_e * (z > 0)  # through ReLU
     d_x = d_z @ w_int  # (N, L, d)
-    d_a_user = torch.zeros_like(tokens).index_add_(0, cand_user, d_a)  # (U, L, d) summed over candidates
-    d_tokens = torch.zeros_like(tokens).index_add_(0, cand_user, grad + d_x * cand.unsqueeze(1))
-    d_tokens = d_tokens + d_a_user @ w_tok
+    d_h = grad + d_x * cand.unsqueeze(1)  # (N, L, d)
+    if identity:
+        d_a_user, d_tokens = d_a, d_h + d_a @ w_tok
+    else:  # sum over each user's candidates
+        d_a_user = torch.zeros_like(tokens).index_add_(0, cand_user, d_a)  # (U, L, d)
+        d_tokens = torch.zeros_like(tokens).index_add_(0, cand_user, d_h) + d_a_user @ w_tok
     d_cand = (d_x * h).sum(1)  # (N, d)
     d_w_int = d_z.reshape(-1, d).T @ x.reshape(-1, d)
     d_w_mix = d_a.reshape(-1, d).T @ e.reshape(-1, d)
@@ -107,8 +118,12 @@ class TAPFGate(nn.Module):
         return {"w_int": self.w_int.weight, "w_tok": 0.5 * w[:, :d], "w_mix": 0.5 * w[:, d : 2 * d],
                 "pol_bias": 0.5 * pol_bias}
 
-    def forward(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor) -> Tensor:
-        """tokens (U, L, d), polarity (U, L) in {-1, 0, 1}, cand (N, d), cand_user (N,) -> (N, L, d)."""
+    def forward(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor | None) -> Tensor:
+        """tokens (U, L, d), polarity (U, L) in {-1, 0, 1}, cand (N, d), cand_user (N,) -> (N, L, d).
+
+        cand_user=None: one candidate per sequence (U == N)."""
+        if cand_user is None:
+            cand_user = torch.arange(cand.shape[0], device=cand.device)
         f = self.folded()
         return tapf_gate(tokens, polarity.to(tokens.dtype), cand, cand_user, f["w_int"], f["w_tok"],
                          f["w_mix"], f["pol_bias"])

@@ -1,0 +1,569 @@
+"""`polarity export`: a trained run directory -> a self-describing ONNX bundle.
+
+Steps:
+1. rebuild the model from the run (`model.train.load_checkpoint`) and check the exporter can
+   represent it (`ExportError` otherwise);
+2. wrap it for serving (`ServingModel`: sigmoid on the logits; every TAPF gate replaced by
+   `FoldedTAPFGate`, which holds the folded weights as constants and calls `tapf::gate`);
+3. export with the dynamo exporter; `tapf::gate` becomes one `tapf.fused::TAPFGate` node through
+   the custom translation table (`export.tapf_onnx`), and the model-local function of the same
+   name is attached so stock ONNX Runtime runs the file by inlining it;
+4. fold every constant sub-expression of the weights (transposes, slices, scalings) into
+   initializers and check none is left (`unfolded_parameter_ops`);
+5. write `model.onnx`, `feature_spec.json`, `vocab/`, optionally `model.opt.onnx`
+   (ONNX Runtime-optimised), and `manifest.json` with the sha256 of every file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as dt
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from torch import Tensor, nn
+
+from export.bundle import (
+    FEATURE_SPEC_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    OPTIMIZED_MODEL_FILE,
+    OUTPUT_NAME,
+    VOCAB_DIR,
+    sha256_file,
+    write_manifest,
+)
+from export.tapf_onnx import ONNX_OPSET, TAPF_DOMAIN, TAPF_DOMAIN_VERSION, TAPF_OP, attach_function, translate_tapf_gate
+from model.batch import INPUT_NAMES, InputArrays
+from model.feature_spec import OOV_INDEX, FeatureSpec, SpecError
+from model.models.config import ARCHS, ModelConfig
+from model.modules.polarity_gate import TAPFGate, tapf_gate
+from model.vocab import VOCAB_FILES
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExportError",
+    "FoldedTAPFGate",
+    "ServingModel",
+    "export_bundle",
+    "export_onnx",
+    "load_run",
+    "random_inputs",
+    "unfolded_parameter_ops",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Ops that must never touch a raw parameter in the exported graph: anything of that kind is a
+# constant expression and belongs folded into an initializer.
+_FOLDABLE_OPS = frozenset({"Transpose", "Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Cast",
+                           "Mul", "Div", "Add", "Sub", "Neg", "Gemm", "MatMul", "Expand", "Identity"})
+_USER_AXES = {name: "U" for name in INPUT_NAMES if name.startswith("seq_") or name == "user_stats"}
+_CAND_AXES = {name: "N" for name in INPUT_NAMES if name.startswith("cand_")}
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported as asked; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# The serving wrapper
+
+
+class FoldedTAPFGate(nn.Module):
+    """A trained `TAPFGate` with its weights folded once into buffers (W_tok, W_mix, c_p, W_int).
+
+    Calls the same `tapf::gate` op, so it computes exactly what the trained gate computes, but the
+    exported graph sees four constants instead of the slicing/scaling of W_g in `TAPFGate.folded`.
+    """
+
+    w_int: Tensor
+    w_tok: Tensor
+    w_mix: Tensor
+    pol_bias: Tensor
+
+    def __init__(self, gate: TAPFGate) -> None:
+        super().__init__()
+        with torch.no_grad():
+            folded = gate.folded()
+            for name in ("w_int", "w_tok", "w_mix", "pol_bias"):
+                self.register_buffer(name, folded[name].detach().clone().contiguous())
+
+    def forward(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor) -> Tensor:
+        out: Tensor = tapf_gate(tokens, polarity.to(tokens.dtype), cand, cand_user, self.w_int, self.w_tok,
+                                self.w_mix, self.pol_bias)
+        return out
+
+
+class ServingModel(nn.Module):
+    """Inference wrapper: the model's serving-shaped forward -> click probabilities (N,).
+
+    The model returns logits (the loss lives in training); serving wants probabilities, so the
+    sigmoid is part of the exported graph.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
+                seq_mask: Tensor, user_stats: Tensor, cand_item: Tensor, cand_category: Tensor,
+                cand_user: Tensor) -> Tensor:
+        logits = self.model(seq_item, seq_category, seq_polarity, seq_event, seq_mask, user_stats, cand_item,
+                            cand_category, cand_user)
+        return torch.sigmoid(logits)
+
+    @classmethod
+    def from_trained(cls, model: nn.Module) -> ServingModel:
+        """A deep copy of `model` in eval mode with every TAPFGate folded (the original is untouched)."""
+        served = copy.deepcopy(model).eval()
+        for parent in list(served.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, TAPFGate):
+                    setattr(parent, name, FoldedTAPFGate(child))
+        for p in served.parameters():
+            p.requires_grad_(False)
+        return cls(served).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and checking a run
+
+
+def _torch_load_globals() -> list[Any]:
+    """numpy scalar types that `metrics` in checkpoints may hold (weights_only=True refuses them)."""
+    names = [("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar")]
+    found: list[Any] = [np.dtype]
+    for module_name, attr in names:
+        try:
+            module = __import__(module_name, fromlist=[attr])
+            found.append(getattr(module, attr))
+        except (ImportError, AttributeError):
+            continue
+    found += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return found
+
+
+def load_run(run_dir: Path | str) -> Any:
+    """`model.train.load_checkpoint` with clear errors; returns its LoadedRun."""
+    from model.train import CHECKPOINT, load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise ExportError(f"{run_dir}: no {CHECKPOINT}; is this a `polarity train` run directory?")
+    try:
+        with torch.serialization.safe_globals(_torch_load_globals()):
+            return load_checkpoint(run_dir)
+    except (SpecError, KeyError, TypeError) as exc:
+        raise ExportError(f"{run_dir}: checkpoint cannot be rebuilt: {exc}") from exc
+    except RuntimeError as exc:  # state-dict shape/key mismatches
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{run_dir}: checkpoint does not match its model config: {first}") from exc
+    except Exception as exc:  # unpickling, truncated files
+        raise ExportError(f"{run_dir}: cannot read {CHECKPOINT}: {type(exc).__name__}: {exc}") from exc
+
+
+def check_representable(model: nn.Module, config: ModelConfig, spec: FeatureSpec) -> int:
+    """Raise ExportError for anything the bundle cannot represent faithfully; returns the number of TAPF gates."""
+    if config.arch not in ARCHS:
+        raise ExportError(f"arch {config.arch!r} has no export path (known: {ARCHS})")
+    bad_dtype = sorted({str(t.dtype) for t in model.state_dict().values()
+                        if t.is_floating_point() and t.dtype != torch.float32})
+    if bad_dtype:
+        raise ExportError(f"the bundle is float32 but the checkpoint holds {bad_dtype} weights; "
+                          "convert the run to float32 first")
+    non_finite = [name for name, t in model.state_dict().items() if t.is_floating_point() and
+                  not bool(torch.isfinite(t).all())]
+    if non_finite:
+        raise ExportError(f"checkpoint has non-finite weights in {non_finite[:5]} (diverged training?); "
+                          "it cannot be served")
+    gates = [m for m in model.modules() if isinstance(m, TAPFGate)]
+    if config.uses_tapf and not gates:
+        raise ExportError(f"seq_variant {config.seq_variant!r} needs a TAPF gate but the model has none")
+    if not config.uses_tapf and gates:
+        raise ExportError(f"seq_variant {config.seq_variant!r} has no TAPF gate but the model has {len(gates)}")
+    for gate in gates:
+        if gate.d_model != config.d_model:
+            raise ExportError(f"TAPF gate width {gate.d_model} != d_model {config.d_model}")
+    if spec.n_stats != 4:
+        raise ExportError(f"feature spec has n_stats={spec.n_stats}; the sequence builder produces 4")
+    return len(gates)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def random_inputs(spec: FeatureSpec, *, n_users: int, n_candidates: int, seed: int = 0,
+                  empty_users: int = 0, oov_share: float = 0.1) -> InputArrays:
+    """Valid random model inputs: left-padded histories of random length (the first `empty_users`
+    users have none), polarity consistent with the event types, OOV items and categories mixed in,
+    candidates spread over the users with an arbitrary `cand_user`."""
+    rng = np.random.default_rng(seed)
+    length = spec.sequence.seq_len
+    u, n = n_users, n_candidates
+    n_real = rng.integers(0, length + 1, size=u)
+    n_real[:empty_users] = 0
+    if u > empty_users:
+        n_real[empty_users] = length  # at least one full history
+    mask = np.arange(length)[None, :] >= (length - n_real)[:, None]
+    items = rng.integers(2, max(spec.n_items, 3), size=(u, length))
+    items[rng.random((u, length)) < oov_share] = OOV_INDEX
+    cats = rng.integers(2, max(spec.n_categories, 3), size=(u, length))
+    cats[rng.random((u, length)) < oov_share] = OOV_INDEX
+    polarity = np.where(rng.random((u, length)) < spec.sequence.pos_ratio, 1, -1)
+    event_pol = np.asarray(spec.event_polarity, dtype=np.int64)
+    events = np.zeros((u, length), dtype=np.int64)
+    for sign in (1, -1):
+        choices = np.flatnonzero(event_pol == sign)
+        if choices.size == 0:
+            choices = np.arange(1, max(len(event_pol), 2))
+        sel = polarity == sign
+        events[sel] = rng.choice(choices, size=int(sel.sum()))
+    n_pos = (mask & (polarity > 0)).sum(1)
+    n_neg = (mask & (polarity < 0)).sum(1)
+    stats = np.stack([np.log1p(n_pos), np.log1p(n_neg), n_pos / np.maximum(n_pos + n_neg, 1),
+                      np.log1p(rng.exponential(3600.0, size=u))], axis=1).astype(np.float32)
+    cand_item = rng.integers(2, max(spec.n_items, 3), size=n)
+    cand_item[rng.random(n) < oov_share] = OOV_INDEX
+    cand_cat = rng.integers(2, max(spec.n_categories, 3), size=n)
+    cand_user = rng.integers(0, u, size=n)
+    cand_user[: min(u, n)] = rng.permutation(u)[: min(u, n)]  # every user has a candidate when N >= U
+    zero = np.int64(0)
+    return InputArrays(
+        seq_item=np.where(mask, items, zero).astype(np.int64),
+        seq_category=np.where(mask, cats, zero).astype(np.int64),
+        seq_polarity=np.where(mask, polarity, zero).astype(np.int64),
+        seq_event=np.where(mask, events, zero).astype(np.int64),
+        seq_mask=mask,
+        user_stats=stats,
+        cand_item=cand_item.astype(np.int64),
+        cand_category=cand_cat.astype(np.int64),
+        cand_user=cand_user.astype(np.int64),
+    )
+
+
+def to_torch(inputs: InputArrays) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.as_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Graph export and post-processing
+
+
+def _ir_nodes(graph: ir.Graph | ir.Function) -> Iterator[ir.Node]:
+    for node in graph:
+        yield node
+        for attr in node.attributes.values():
+            if isinstance(attr, ir.Attr) and attr.type == ir.AttributeType.GRAPH and attr.value is not None:
+                yield from _ir_nodes(attr.value)
+
+
+def _is_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return True
+    if value.is_initializer() or value.const_value is not None:
+        return True
+    producer = value.producer()
+    return producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx")
+
+
+def unfolded_parameter_ops(model: ir.Model | onnx.ModelProto) -> list[str]:
+    """Nodes of the main graph that only compute on constants (weights): must be empty after folding."""
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    found = []
+    for node in _ir_nodes(model.graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _FOLDABLE_OPS:
+            continue
+        data_inputs = [v for v in node.inputs if v is not None]
+        if data_inputs and all(_is_constant(v) for v in data_inputs) and any(
+            v.is_initializer() for v in data_inputs
+        ):
+            found.append(f"{node.op_type}({', '.join(v.name or '?' for v in data_inputs)})")
+    return found
+
+
+def _dynamic_shapes() -> dict[str, dict[int, Any]]:
+    users = torch.export.Dim("U", min=1, max=1 << 20)
+    cands = torch.export.Dim("N", min=1, max=1 << 24)
+    return {name: {0: users} if name in _USER_AXES else {0: cands} for name in INPUT_NAMES}
+
+
+def _rename_dynamic_axes(model: ir.Model) -> None:
+    """Name the batch axes U (users) and N (candidates) on every input and the output."""
+    for value in model.graph.inputs:
+        axis = _USER_AXES.get(value.name or "") or _CAND_AXES.get(value.name or "")
+        if axis and value.shape is not None and len(value.shape) >= 1:
+            dims = list(value.shape)
+            dims[0] = ir.SymbolicDim(axis)
+            value.shape = ir.Shape(dims)
+    for value in model.graph.outputs:
+        if value.shape is not None and len(value.shape) == 1:
+            value.shape = ir.Shape([ir.SymbolicDim("N")])
+
+
+def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int) -> ir.Model:
+    """Export the wrapper to an ONNX IR model: one TAPFGate node per gate, its function attached,
+    weights folded. Raises ExportError when the exporter cannot represent the model."""
+    import onnxscript.optimizer
+
+    example = to_torch(random_inputs(spec, n_users=3, n_candidates=5, seed=1234))
+    args = tuple(example[name] for name in INPUT_NAMES)
+    try:
+        with warnings.catch_warnings(), _quiet_loggers("onnx_ir", "onnxscript"), \
+                _quiet_loggers("torch.onnx", level=logging.ERROR):  # "torchvision is not installed" chatter
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                served, args, dynamo=True, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                dynamic_shapes=_dynamic_shapes(), opset_version=ONNX_OPSET, optimize=False, verbose=False,
+                custom_translation_table={torch.ops.tapf.gate.default: translate_tapf_gate},
+            )
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        summary = next((line for line in lines if line.startswith("<class")), lines[0] if lines else "")
+        raise ExportError(f"the ONNX exporter cannot represent this model: {type(exc).__name__}: {summary}") from exc
+    if program is None:
+        raise ExportError("the ONNX exporter returned no program")
+    model = program.model
+    gates = [n for n in _ir_nodes(model.graph) if (n.domain, n.op_type) == (TAPF_DOMAIN, TAPF_OP)]
+    if len(gates) != expected_gates:
+        raise ExportError(f"expected {expected_gates} {TAPF_DOMAIN}::{TAPF_OP} node(s), the exported graph has "
+                          f"{len(gates)}: the gate was not exported through the tapf::gate custom op")
+    if expected_gates:
+        attach_function(model)
+    # Fold every constant expression of the weights, whatever its size (the defaults skip big tensors).
+    with _quiet_loggers("onnx_ir", "onnxscript"):
+        onnxscript.optimizer.optimize(model, inline=False, input_size_limit=1 << 62, output_size_limit=1 << 62,
+                                      num_iterations=3)
+    leftover = unfolded_parameter_ops(model)
+    if leftover:
+        raise ExportError(f"weights not folded into initializers: {leftover[:5]}")
+    _rename_dynamic_axes(model)
+    model.graph.name = "polarity"
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    before = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(level, lg.level))
+    try:
+        yield
+    finally:
+        for lg, lvl in zip(loggers, before, strict=True):
+            lg.setLevel(lvl)
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True)
+        rev = out.stdout.strip()
+        return rev if rev else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _tensor_entries(values: Any) -> list[dict[str, Any]]:
+    names = {ir.DataType.INT64: "int64", ir.DataType.FLOAT: "float32", ir.DataType.BOOL: "bool"}
+    out = []
+    for value in values:
+        dtype = value.dtype
+        if dtype not in names:
+            raise ExportError(f"graph tensor {value.name} has unsupported dtype {dtype}")
+        shape = [d if isinstance(d, int) else str(d) for d in (value.shape or ())]
+        out.append({"name": value.name, "dtype": names[dtype], "shape": shape})
+    return out
+
+
+def save_optimized_copy(model_path: Path, out_path: Path) -> Path:
+    """An ONNX Runtime-optimised copy (extended graph optimisations, CPU provider; the TAPF function
+    is inlined into stock kernels there). Layout optimisations (level ALL) are left out: they tie the
+    file to this machine's CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(out_path)
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if not out_path.is_file():
+        raise ExportError(f"ONNX Runtime did not write {out_path}")
+    return out_path
+
+
+def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = False, check: bool = False,
+                  tol: float = 1e-5, name: str | None = None, version: str | None = None,
+                  overwrite: bool = True) -> Path:
+    """Export the run in `run_dir` into the bundle directory `out_dir`; returns `out_dir`.
+
+    optimize: also write `model.opt.onnx` (ONNX Runtime-optimised copy).
+    check: run `export.parity.check_parity` on the new bundle before it replaces `out_dir`; a bundle
+      whose ONNX Runtime output differs from torch by more than `tol` (max abs, probabilities) is
+      not written (`ParityError`). The report goes into the manifest.
+    name/version: manifest identity (default: run directory name / first 12 hex of model.onnx's sha256).
+    The bundle is assembled in a sibling staging directory and moved into place at the end, so a
+    failed export never leaves a half-written bundle behind.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty")
+    run = load_run(run_dir)
+    n_gates = check_representable(run.model, run.model_config, run.spec)
+    served = ServingModel.from_trained(run.model)
+    model = export_onnx(served, run.spec, expected_gates=n_gates)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is as readable as any new directory
+    try:
+        manifest = _write_bundle(stage, run=run, run_dir=run_dir, model=model, n_gates=n_gates, optimize=optimize,
+                                 name=name, version=version)
+        if check:
+            from export.parity import assert_parity, check_parity
+
+            report = check_parity(run_dir, stage, tol=tol)
+            log.info("%s", report.summary())
+            assert_parity(report)
+            manifest["parity"] = report.to_dict()
+            write_manifest(stage, manifest)
+        _replace_dir(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    cfg = run.model_config
+    log.info("exported %s (%s/%s, L=%d, d=%d, %d TAPF gate(s)) to %s", run_dir, cfg.arch, cfg.seq_variant,
+             run.spec.sequence.seq_len, cfg.d_model, n_gates, out_dir)
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished bundle `src` to `dst`, replacing an old bundle there."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    try:
+        src.rename(dst)
+    except OSError:
+        if old is not None:
+            old.rename(dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_gates: int, optimize: bool,
+                  name: str | None, version: str | None) -> dict[str, Any]:
+    """Write model.onnx (+ model.opt.onnx), feature_spec.json, vocab/ and manifest.json into out_dir."""
+    cfg = run.model_config
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    model.producer_name = "polarity"
+    model.metadata_props.update({"polarity.arch": cfg.arch, "polarity.seq_variant": cfg.seq_variant,
+                                 "polarity.seq_len": str(run.spec.sequence.seq_len)})
+    proto = ir.serde.serialize_model(model)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported graph fails onnx.checker: {exc}") from exc
+    onnx.save_model(proto, out_dir / MODEL_FILE)
+
+    run.spec.save(out_dir / FEATURE_SPEC_FILE)
+    vocab_paths = run.vocab.save(out_dir / VOCAB_DIR)
+    vocab_files = {p.stem: f"{VOCAB_DIR}/{p.name}" for p in vocab_paths}
+    if sorted(Path(v).name for v in vocab_files.values()) != sorted(VOCAB_FILES):
+        raise ExportError(f"vocabulary files {sorted(vocab_files.values())} != {sorted(VOCAB_FILES)}")
+    optimized = None
+    if optimize:
+        save_optimized_copy(out_dir / MODEL_FILE, out_dir / OPTIMIZED_MODEL_FILE)
+        optimized = OPTIMIZED_MODEL_FILE
+
+    listed = [MODEL_FILE, FEATURE_SPEC_FILE, *vocab_files.values(), *([optimized] if optimized else [])]
+    files: dict[str, dict[str, Any]] = {
+        rel: {"sha256": sha256_file(out_dir / rel), "bytes": (out_dir / rel).stat().st_size} for rel in listed
+    }
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": {
+            "name": name or run_dir.resolve().name,
+            "version": version or files[MODEL_FILE]["sha256"][:12],
+            "created_at": created.isoformat().replace("+00:00", "Z"),
+            "arch": cfg.arch,
+            "seq_variant": cfg.seq_variant,
+            "sequence_mode": run.spec.sequence.mode,
+            "seq_len": run.spec.sequence.seq_len,
+            "pos_ratio": run.spec.sequence.pos_ratio,
+            "d_model": cfg.d_model,
+            "tapf_gates": n_gates,
+            "tapf_placement": cfg.tapf_placement if cfg.uses_tapf else None,
+            "config": cfg.to_dict(),
+        },
+        "feature_spec": run.spec.to_dict(),
+        "feature_spec_file": FEATURE_SPEC_FILE,
+        "vocab_files": vocab_files,
+        "inputs": _tensor_entries(model.graph.inputs),
+        "outputs": _tensor_entries(model.graph.outputs),
+        "onnx": {
+            "file": MODEL_FILE,
+            "opset": model.opset_imports.get("", ONNX_OPSET),
+            "ir_version": int(proto.ir_version),
+            "custom_domains": {TAPF_DOMAIN: TAPF_DOMAIN_VERSION} if n_gates else {},
+            "custom_op": f"{TAPF_DOMAIN}::{TAPF_OP}" if n_gates else None,
+            "optimized_file": optimized,
+            "optimized_for": "CPUExecutionProvider (ORT_ENABLE_EXTENDED)" if optimized else None,
+            "exporter": f"torch {torch.__version__} dynamo, onnx {onnx.__version__}",
+        },
+        "files": files,
+        "training": {"metrics": _jsonable(run.metrics), "train_config": _jsonable(_asdict(run.train_config))},
+        "git_revision": _git_revision(),
+        "parity": None,
+    }
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else dict(obj)
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars/arrays and tuples -> plain JSON values; non-finite floats -> None."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if np.isfinite(f) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return str(obj)

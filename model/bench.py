@@ -1,0 +1,100 @@
+"""`polarity bench`: measure, then rewrite the matching section of BENCHMARKS.md.
+
+Each section is delimited by `<!-- bench:NAME -->` / `<!-- /bench:NAME -->` markers and carries the
+command, the machine and the date, so a number in BENCHMARKS.md always says where it came from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def _header(title: str) -> str:
+    cmd = "polarity " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "polarity bench"
+    return (f"### {title}\n\n- command: `{cmd}`\n- machine: {machine()}\n"
+            f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}\n")
+
+
+def bench_synth(events: int = 1_000_000) -> str:
+    from model.data.events import write_event_log
+    from model.data.synthetic import SyntheticWorldConfig, generate
+
+    rows = []
+    for n in (events, 10 * events):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            cols = generate(SyntheticWorldConfig(events=n, users=max(n // 100, 1)))
+            gen_s = time.perf_counter() - t0
+            write_event_log(cols, Path(tmp) / "events.parquet")
+            total_s = time.perf_counter() - t0
+        rows.append(f"| {n:,} | {gen_s:.1f} | {total_s:.1f} | {float(cols['label'].mean()):.1%} |")
+    return (_header("Synthetic world: `polarity synth`") + "\n| events | generate (s) | generate + write parquet (s) "
+            "| positive rate |\n|---|---|---|---|\n" + "\n".join(rows) + "\n\nTarget: 1M events < 15 s, 10M < 60 s.\n")
+
+
+def bench_train_throughput(samples: int = 20_480) -> str:
+    """Training samples/s per architecture at the paper's shape (L=100, d=64, batch 2048)."""
+    import torch
+
+    from model.data.events import write_event_log
+    from model.data.synthetic import SyntheticWorldConfig, generate
+    from model.train import TrainConfig, train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        log = write_event_log(generate(SyntheticWorldConfig(events=300_000, users=3_000)), Path(tmp) / "e.parquet")
+        for arch, seq, placement in [("din", "pos", "encoded"), ("din", "mix-tapf", "encoded"),
+                                     ("transformer", "mix-tapf", "encoded"), ("transformer", "mix-tapf", "input"),
+                                     ("onetrans", "pos", "encoded"), ("onetrans", "mix-pbe", "encoded"),
+                                     ("onetrans", "mix-tapf", "encoded"), ("onetrans", "mix-tapf", "input")]:
+            cfg = TrainConfig(data=str(log), arch=arch, seq=seq, max_train_samples=samples,
+                              model_overrides={"tapf_placement": placement}, eval_batch_size=4096)
+            m = train(cfg, out=None, progress=False)
+            rows.append(f"| {arch} | {seq} | {placement} | {m['train']['samples_per_s']:,.0f} |")
+    return (_header("Training throughput") + f"\nL=100, r=0.5, d=64, batch 2048 (micro-batches of 256), Adam, "
+            f"{torch.get_num_threads()} torch threads, {samples:,} training samples per row (sequence building "
+            "included).\n\n| arch | seq | TAPF placement | samples/s |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+BENCHES: dict[str, Callable[[], str]] = {"synth": bench_synth, "train": bench_train_throughput}
+
+
+def update_section(path: Path, name: str, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nWritten by `make bench` (`polarity bench`).\n"
+    block = f"<!-- bench:{name} -->\n{body.rstrip()}\n<!-- /bench:{name} -->"
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def run_bench(*, out: Path, only: list[str]) -> int:
+    unknown = sorted(set(only) - set(BENCHES))
+    if unknown:
+        raise ValueError(f"unknown bench(es) {unknown}; known: {sorted(BENCHES)}")
+    for name in only:
+        body = BENCHES[name]()
+        print(body)
+        update_section(out, name, body)
+    print(f"updated {out}")
+    return 0

@@ -1,0 +1,383 @@
+"""`polarity export`: one TAPFGate node + its function, folded weights, parity with torch, the manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.bundle import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OPTIMIZED_MODEL_FILE,
+    BundleError,
+    BundleExpectation,
+    load_manifest,
+    verify_bundle,
+)
+from export.custom_kernel import kernel_library_path, kernel_status
+from export.onnx_export import ExportError, export_bundle, load_run, random_inputs, to_torch, unfolded_parameter_ops
+from export.parity import ParityError, check_parity
+from export.tapf_onnx import TAPF_DOMAIN, TAPF_OP
+from model.batch import INPUT_NAMES, InputArrays
+from model.feature_spec import FeatureSpec, SequenceSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+ARCHS = {"onetrans": "mix-tapf", "din": "mix-tapf", "transformer": "mix-pbe"}
+SEQ_LEN, D_MODEL = 10, 16
+
+
+@dataclass(frozen=True)
+class Exported:
+    arch: str
+    run_dir: Path
+    bundle: Path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Exported]]:
+    """Three tiny trained runs (onetrans/din with TAPF, transformer without) and their bundles."""
+    from model.data.events import write_event_log
+    from model.data.synthetic import SyntheticWorldConfig, generate
+    from model.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export")
+    log = write_event_log(generate(SyntheticWorldConfig(users=50, items=200, events=3000)), root / "events.parquet")
+    threads = torch.get_num_threads()
+    out: dict[str, Exported] = {}
+    try:
+        for arch, seq in ARCHS.items():
+            run_dir = root / f"run_{arch}"
+            train(TrainConfig(data=str(log), arch=arch, seq=seq, seq_len=SEQ_LEN, d_model=D_MODEL, batch_size=256,
+                              max_train_samples=1500, threads=1), out=run_dir, progress=False)
+            bundle = export_bundle(run_dir, root / f"bundle_{arch}", optimize=True)
+            out[arch] = Exported(arch, run_dir, bundle)
+    finally:
+        torch.set_num_threads(threads)
+    yield out
+
+
+def _graph(bundle: Path, name: str = MODEL_FILE) -> onnx.ModelProto:
+    return onnx.load(str(bundle / name))
+
+
+def _torch_probs(run_dir: Path, inputs: InputArrays) -> np.ndarray:
+    run = load_run(run_dir)
+    with torch.no_grad():
+        return torch.sigmoid(run.model(**to_torch(inputs))).numpy()
+
+
+def _ort_probs(model_path: Path, inputs: InputArrays) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    out: np.ndarray = session.run(None, inputs.as_dict())[0]
+    return out
+
+
+# ---------------------------------------------------------------------------- graph structure
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_tapf_node_per_gate_and_the_function_is_in_the_model(exported: dict[str, Exported], arch: str) -> None:
+    model = _graph(exported[arch].bundle)
+    onnx.checker.check_model(model)
+    gates = [n for n in model.graph.node if (n.domain, n.op_type) == (TAPF_DOMAIN, TAPF_OP)]
+    expected = 1 if ARCHS[arch].endswith("tapf") else 0
+    assert len(gates) == expected
+    # Nothing else of the gate's maths is left in the main graph: no other custom-domain node.
+    assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [TAPF_OP] * expected
+    functions = {(f.domain, f.name): f for f in model.functions}
+    if expected:
+        assert (TAPF_DOMAIN, TAPF_OP) in functions
+        body = functions[(TAPF_DOMAIN, TAPF_OP)]
+        assert {"Tanh", "Relu", "MatMul", "Gather"} <= {n.op_type for n in body.node}
+        assert {o.domain: o.version for o in model.opset_import}[TAPF_DOMAIN] == 1
+        inits = {i.name: i for i in model.graph.initializer}
+        for idx, shape in zip((4, 5, 6, 7), ((D_MODEL, D_MODEL),) * 3 + ((3, D_MODEL),), strict=True):
+            assert gates[0].input[idx] in inits, f"TAPFGate input {idx} is not a folded initializer"
+            assert tuple(inits[gates[0].input[idx]].dims) == shape
+    else:
+        assert (TAPF_DOMAIN, TAPF_OP) not in functions
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weights_are_folded(exported: dict[str, Exported], arch: str) -> None:
+    model = _graph(exported[arch].bundle)
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    raw_param_ops = [n.op_type for n in model.graph.node
+                     if n.op_type in ("Slice", "Transpose") and n.input and n.input[0] in constants]
+    assert raw_param_ops == []
+    assert unfolded_parameter_ops(model) == []
+
+
+def test_folded_gate_weights_match_the_checkpoint(exported: dict[str, Exported]) -> None:
+    """The node's constants are the trained gate folded (and stored input-major, x @ W)."""
+    ex = exported["din"]
+    run = load_run(ex.run_dir)
+    folded = {k: v.detach().numpy() for k, v in run.model.gate.folded().items()}
+    model = _graph(ex.bundle)
+    gate = next(n for n in model.graph.node if n.op_type == TAPF_OP)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_allclose(inits[gate.input[4]], folded["w_int"].T, atol=1e-7)
+    np.testing.assert_allclose(inits[gate.input[5]], folded["w_tok"].T, atol=1e-7)
+    np.testing.assert_allclose(inits[gate.input[6]], folded["w_mix"].T, atol=1e-7)
+    np.testing.assert_allclose(inits[gate.input[7]], folded["pol_bias"], atol=1e-7)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dynamic_users_and_candidates_fixed_length(exported: dict[str, Exported], arch: str) -> None:
+    model = _graph(exported[arch].bundle)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output]}
+    assert [v.name for v in model.graph.input] == list(INPUT_NAMES)
+    assert [v.name for v in model.graph.output] == ["probability"]
+    for name in ("seq_item", "seq_category", "seq_polarity", "seq_event", "seq_mask"):
+        assert dims[name] == ["U", SEQ_LEN]
+    assert dims["user_stats"] == ["U", 4]
+    for name in ("cand_item", "cand_category", "cand_user", "probability"):
+        assert dims[name] == ["N"]
+    spec = load_run(exported[arch].run_dir).spec
+    for u, n in ((1, 1), (2, 3), (6, 40), (3, 2)):
+        inputs = random_inputs(spec, n_users=u, n_candidates=n, seed=u * 100 + n)
+        assert _ort_probs(exported[arch].bundle / MODEL_FILE, inputs).shape == (n,)
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+def _arbitrary(spec: FeatureSpec, u: int, n: int, seed: int) -> InputArrays:
+    x = random_inputs(spec, n_users=u, n_candidates=n, seed=seed)
+    cand_user = np.random.default_rng(seed).integers(0, u, size=n)  # unordered, repeats, maybe unused users
+    return replace(x, cand_user=cand_user.astype(np.int64))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("u", "n"), [(1, 7), (3, 11)])
+def test_parity_with_torch(exported: dict[str, Exported], arch: str, u: int, n: int) -> None:
+    ex = exported[arch]
+    spec = load_run(ex.run_dir).spec
+    inputs = _arbitrary(spec, u, n, seed=7 * u + n)
+    want = _torch_probs(ex.run_dir, inputs)
+    for name in (MODEL_FILE, OPTIMIZED_MODEL_FILE):
+        got = _ort_probs(ex.bundle / name, inputs)
+        assert float(np.max(np.abs(got - want))) < 1e-5, name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_check_parity_covers_real_sequences_and_edge_cases(exported: dict[str, Exported], arch: str) -> None:
+    ex = exported[arch]
+    report = check_parity(ex.run_dir, ex.bundle, n_requests=3, max_candidates=300, kernel=False)
+    assert report.passed, report.summary()
+    assert report.max_abs_diff < 1e-5
+    assert report.data != "unavailable"  # the run's own log was used
+    names = " ".join(c.name for c in report.cases)
+    for needle in ("data request", "data micro-batch", "N=1", "empty history", "all padding", "OOV", "N=300"):
+        assert needle in names
+    assert {c.model_file for c in report.cases} == {MODEL_FILE, OPTIMIZED_MODEL_FILE}
+    assert {c.n_users for c in report.cases if "micro-batch" in c.name} == {3}
+
+
+@pytest.mark.parametrize("arch", [a for a, seq in ARCHS.items() if seq.endswith("tapf")])
+def test_parity_through_the_fused_kernel(exported: dict[str, Exported], arch: str) -> None:
+    """Both paths of the same file: the custom-op library loaded, and the function fallback."""
+    if kernel_library_path() is None:
+        pytest.skip(f"fused kernel not built ({kernel_status()['reason']})")
+    ex = exported[arch]
+    report = check_parity(ex.run_dir, ex.bundle, n_requests=2, max_candidates=200, kernel=True)
+    assert report.passed, report.summary()
+    assert {c.path for c in report.cases} == {"function", "kernel"}
+    assert {c.model_file for c in report.cases if c.path == "kernel"} == {MODEL_FILE}
+
+
+def test_kernel_library_path_is_none_or_a_file() -> None:
+    path = kernel_library_path()
+    assert path is None or path.is_file()
+    assert kernel_status()["fused_kernel"] == (path is not None)
+
+
+# ---------------------------------------------------------------------------- manifest and bundle checks
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_manifest_describes_the_bundle(exported: dict[str, Exported], arch: str) -> None:
+    ex = exported[arch]
+    run = load_run(ex.run_dir)
+    manifest = load_manifest(ex.bundle, expect=BundleExpectation(feature_spec=run.spec))
+    data = manifest.data
+    assert data["model"]["arch"] == arch and data["model"]["seq_variant"] == ARCHS[arch]
+    assert data["model"]["seq_len"] == SEQ_LEN and data["model"]["d_model"] == D_MODEL
+    assert data["model"]["pos_ratio"] == 0.5 and data["model"]["sequence_mode"] == "mix"
+    assert data["model"]["name"] and data["model"]["version"] and data["model"]["created_at"].endswith("Z")
+    assert data["feature_spec"] == run.spec.to_dict()
+    assert json.loads((ex.bundle / data["feature_spec_file"]).read_text()) == run.spec.to_dict()
+    assert manifest.input_names == INPUT_NAMES and manifest.output_names == ("probability",)
+    assert {t["name"]: t["dtype"] for t in data["inputs"]}["seq_mask"] == "bool"
+    assert data["outputs"] == [{"name": "probability", "dtype": "float32", "shape": ["N"]}]
+    assert data["onnx"]["opset"] >= 18 and data["onnx"]["optimized_file"] == OPTIMIZED_MODEL_FILE
+    assert data["training"]["metrics"]["valid"]["auc"] == pytest.approx(run.metrics["valid"]["auc"])
+    expected_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert data["git_revision"] == (expected_rev or "unknown")
+    listed = set(data["files"])
+    on_disk = {str(p.relative_to(ex.bundle)) for p in ex.bundle.rglob("*") if p.is_file()} - {MANIFEST_FILE}
+    assert listed == on_disk
+    assert manifest.load_vocabulary().items == run.vocab.items
+
+
+@pytest.fixture()
+def bundle_copy(exported: dict[str, Exported], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(exported["din"].bundle, tmp_path / "bundle"))
+
+
+@pytest.mark.parametrize("victim", [MODEL_FILE, "vocab/items.json", "feature_spec.json"])
+def test_tampered_file_is_refused(bundle_copy: Path, victim: str) -> None:
+    path = bundle_copy / victim
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # same size, one bit flipped
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=rf"sha256 mismatch for {victim}.*modified after export"):
+        load_manifest(bundle_copy)
+    with pytest.raises(BundleError, match="sha256"):
+        verify_bundle(bundle_copy)
+    load_manifest(bundle_copy, verify=False)  # still readable when asked not to verify
+
+
+def test_missing_and_resized_files_are_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "vocab" / "categories.json").write_text("[]")
+    with pytest.raises(BundleError, match=r"vocab/categories.json is \d+ bytes but the manifest says"):
+        load_manifest(bundle_copy)
+    (bundle_copy / OPTIMIZED_MODEL_FILE).unlink()
+    with pytest.raises(BundleError, match="missing"):
+        verify_bundle(bundle_copy)
+
+
+def test_invalid_manifest_is_refused(bundle_copy: Path) -> None:
+    data = json.loads((bundle_copy / MANIFEST_FILE).read_text())
+    del data["files"][MODEL_FILE]["sha256"]
+    (bundle_copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"invalid manifest at files/model.onnx: 'sha256' is a required property"):
+        load_manifest(bundle_copy)
+    (bundle_copy / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_manifest(bundle_copy)
+
+
+def test_wrong_feature_spec_is_refused(exported: dict[str, Exported]) -> None:
+    ex = exported["din"]
+    spec = load_run(ex.run_dir).spec
+    other = replace(spec, sequence=SequenceSpec(seq_len=SEQ_LEN * 2, pos_ratio=0.5, mode="mix"))
+    with pytest.raises(BundleError, match=r"feature spec mismatch: sequence.seq_len: expected 20, bundle has 10"):
+        load_manifest(ex.bundle, expect=BundleExpectation(feature_spec=other))
+    with pytest.raises(BundleError, match="n_items"):
+        load_manifest(ex.bundle, expect=BundleExpectation(feature_spec={**spec.to_dict(), "n_items": 7}))
+    with pytest.raises(BundleError, match="graph inputs are"):
+        load_manifest(ex.bundle, expect=BundleExpectation(input_names=INPUT_NAMES[:-1]))
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def _doctored_run(src: Path, dst: Path, edit: object) -> Path:
+    shutil.copytree(src, dst)
+    ckpt = torch.load(dst / "checkpoint.pt", map_location="cpu", weights_only=False)
+    edit(ckpt)  # type: ignore[operator]
+    torch.save(ckpt, dst / "checkpoint.pt")
+    return dst
+
+
+def _nan_weights(ckpt: dict) -> None:  # type: ignore[type-arg]
+    ckpt["state_dict"]["gate.w_int.weight"][0, 0] = float("nan")
+
+
+def _unknown_key(ckpt: dict) -> None:  # type: ignore[type-arg]
+    ckpt["model_config"]["n_experts"] = 4  # written by a newer trainer this exporter does not know
+
+
+def _unknown_arch(ckpt: dict) -> None:  # type: ignore[type-arg]
+    ckpt["model_config"]["arch"] = "mystery"
+
+
+def _shape_mismatch(ckpt: dict) -> None:  # type: ignore[type-arg]
+    ckpt["model_config"]["d_model"] = 8
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_nan_weights, r"non-finite weights in \['gate.w_int.weight'\]"),
+    (_unknown_key, r"checkpoint cannot be rebuilt: ModelConfig: unknown key\(s\) \['n_experts'\]"),
+    (_unknown_arch, r"checkpoint cannot be rebuilt: arch must be one of"),
+    (_shape_mismatch, r"checkpoint does not match its model config"),
+])
+def test_unrepresentable_checkpoint_is_refused(exported: dict[str, Exported], tmp_path: Path, edit: object,
+                                               message: str) -> None:
+    run_dir = _doctored_run(exported["din"].run_dir, tmp_path / "run", edit)
+    with pytest.raises(ExportError, match=message):
+        export_bundle(run_dir, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()  # nothing half-written
+
+
+def test_not_a_run_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"no checkpoint\.pt"):
+        export_bundle(tmp_path, tmp_path / "bundle")
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_with_check_and_optimize(exported: dict[str, Exported], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from model.cli import main
+
+    out = tmp_path / "cli_bundle"
+    assert main(["export", str(exported["din"].run_dir), "--out", str(out), "--optimize", "--check"]) == 0
+    assert "bundle written to" in capsys.readouterr().out
+    manifest = load_manifest(out)
+    assert manifest.data["parity"]["passed"] is True
+    assert manifest.data["parity"]["max_abs_diff"] < 1e-5
+    assert (out / OPTIMIZED_MODEL_FILE).is_file() and OPTIMIZED_MODEL_FILE in manifest.data["files"]
+
+
+def test_cli_export_refuses_a_bundle_over_tolerance(exported: dict[str, Exported], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from model.cli import main
+
+    out = tmp_path / "refused"
+    # A negative tolerance no output can meet stands in for a graph that drifted from torch.
+    assert main(["export", str(exported["din"].run_dir), "--out", str(out), "--tol", "-1"]) != 0
+    assert "parity FAILED" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+    with pytest.raises(ParityError):
+        export_bundle(exported["din"].run_dir, out, check=True, tol=-1.0)
+
+
+# ---------------------------------------------------------------------------- the service's side
+
+
+def test_bundle_module_needs_neither_torch_nor_onnx(exported: dict[str, Exported]) -> None:
+    code = (
+        "import sys\n"
+        "from export.bundle import load_manifest\n"
+        "from export.custom_kernel import kernel_status\n"
+        f"m = load_manifest({str(exported['din'].bundle)!r})\n"
+        "kernel_status()\n"
+        "bad = sorted(k for k in ('torch', 'onnx', 'onnxscript', 'onnx_ir') if k in sys.modules)\n"
+        "assert not bad, bad\n"
+        "print('ok', m.arch)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok din"

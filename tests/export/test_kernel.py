@@ -1,0 +1,148 @@
+"""The fused `tapf.fused::TAPFGate` CPU kernel (export/kernels) against the torch op, per instruction set.
+
+Skipped when the library is not built (`make -C export/kernels`); the bundles then run through
+the model-local ONNX function, which test_export.py covers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export.custom_kernel import kernel_isa, kernel_library_path, kernel_status
+from export.tapf_onnx import gate_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs in a fresh interpreter per ISA: the library picks its ISA once per process.
+_SCRIPT = r"""
+import json, sys
+import numpy as np, onnxruntime as ort, torch
+from export.tapf_onnx import gate_model
+from model.modules.polarity_gate import tapf_gate
+
+def case(seed, u, length, n, d, pad):
+    rng = np.random.default_rng(seed)
+    w = {k: (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32) for k in ("w_int", "w_tok", "w_mix")}
+    w["pol_bias"] = (0.3 * rng.standard_normal((3, d))).astype(np.float32)
+    tokens = rng.standard_normal((u, length, d)).astype(np.float32)
+    pol = rng.choice([-1.0, 1.0], size=(u, length)).astype(np.float32)
+    pol[:, :pad] = 0.0
+    tokens[:, :pad] = 0.0
+    cand = rng.standard_normal((n, d)).astype(np.float32)
+    cu = rng.integers(0, u, size=n).astype(np.int64)
+    with torch.no_grad():
+        want = tapf_gate(*(torch.from_numpy(a) for a in (tokens, pol, cand, cu, w["w_int"], w["w_tok"], w["w_mix"],
+                                                          w["pol_bias"]))).numpy()
+    onnx_w = {k: (v.T.copy() if k != "pol_bias" else v) for k, v in w.items()}
+    model = gate_model(onnx_w).SerializeToString()
+    feed = {"tokens": tokens, "polarity": pol, "cand": cand, "cand_user": cu}
+    out = {}
+    for path in ("kernel", "function"):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        if path == "kernel":
+            opts.register_custom_ops_library(sys.argv[1])
+        got = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+        out[path] = float(np.abs(got - want).max()) if want.size else 0.0
+        out[path + "_pad_exact"] = bool(np.array_equal(got[:, :pad], tokens[cu][:, :pad]))
+    return out
+
+cases = {
+    "U=1 N=1 d=16": case(0, 1, 9, 1, 16, 0),
+    "U=3 N=11 d=16 padded": case(1, 3, 10, 11, 16, 4),
+    "U=2 N=5 d=12 (remainder columns)": case(2, 2, 7, 5, 12, 2),
+    "U=1 N=64 d=64": case(3, 1, 20, 64, 64, 5),
+    "U=4 N=300 d=32 (threads)": case(4, 4, 13, 300, 32, 3),
+    "U=2 N=3 d=8 all padding": case(5, 2, 6, 3, 8, 6),
+    "U=2 N=4 d=5 (scalar)": case(6, 2, 5, 4, 5, 1),
+}
+from export.custom_kernel import kernel_isa
+print(json.dumps({"isa": kernel_isa(), "cases": cases}))
+"""
+
+
+@pytest.fixture(scope="module")
+def library() -> Path:
+    path = kernel_library_path()
+    if path is None:
+        pytest.skip(f"fused kernel not built ({kernel_status()['reason']})")
+    return path
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _available_isas() -> list[str]:
+    flags = _cpu_flags()
+    isas = ["generic"]
+    if {"avx2", "fma"} <= flags:
+        isas.append("avx2")
+    if {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags:
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_kernel_matches_the_torch_op(library: Path, isa: str) -> None:
+    if isa not in _available_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    env = {**os.environ, "TAPF_ISA": isa,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(library)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["isa"] == isa
+    for name, r in result["cases"].items():
+        assert r["kernel"] < 1e-5, (name, r)
+        assert r["function"] < 1e-5, (name, r)
+        assert r["kernel_pad_exact"] and r["function_pad_exact"], name
+
+
+def _gate_session(library: Path | None, d: int = 8) -> ort.InferenceSession:
+    rng = np.random.default_rng(0)
+    w = {k: rng.standard_normal((d, d)).astype(np.float32) for k in ("w_int", "w_tok", "w_mix")}
+    w["pol_bias"] = rng.standard_normal((3, d)).astype(np.float32)
+    opts = ort.SessionOptions()
+    if library is not None:
+        opts.register_custom_ops_library(str(library))
+    return ort.InferenceSession(gate_model(w).SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def test_kernel_refuses_bad_inputs_with_a_clear_message(library: Path) -> None:
+    session = _gate_session(library)
+    feed = {"tokens": np.zeros((2, 3, 8), np.float32), "polarity": np.ones((2, 3), np.float32),
+            "cand": np.zeros((4, 8), np.float32), "cand_user": np.array([0, 1, 2, 0], dtype=np.int64)}
+    with pytest.raises(Exception, match=r"cand_user\[2\] = 2 is outside \[0, 2\)"):
+        session.run(None, feed)
+    feed["cand_user"] = np.zeros(4, dtype=np.int64)
+    feed["polarity"] = np.full((2, 3), 0.5, np.float32)
+    with pytest.raises(Exception, match="polarity must be -1, 0 or \\+1"):
+        session.run(None, feed)
+
+
+def test_kernel_handles_no_candidates(library: Path) -> None:
+    feed = {"tokens": np.ones((1, 3, 8), np.float32), "polarity": np.ones((1, 3), np.float32),
+            "cand": np.zeros((0, 8), np.float32), "cand_user": np.zeros(0, dtype=np.int64)}
+    assert _gate_session(library).run(None, feed)[0].shape == (0, 3, 8)
+
+
+def test_kernel_status_reports_the_isa(library: Path) -> None:
+    status = kernel_status()
+    assert status["fused_kernel"] is True and status["path"] == str(library)
+    assert status["isa"] in ("avx512", "avx2", "generic") and kernel_isa() == status["isa"]
