@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test lint bench reliability clean
+.PHONY: setup kernel demo test lint bench reliability clean
 
 $(BIN)/polarity: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(BIN)/polarity: pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(BIN)/polarity
+setup: $(BIN)/polarity kernel
+
+# The fused TAPF kernel is optional: when it cannot be built, bundles run through their ONNX
+# function fallback and the service says so once in its log and in /readyz.
+kernel:
+	@$(MAKE) -s -C export/kernels >/dev/null 2>&1 && echo "fused TAPF kernel: export/kernels/build/libtapf_ort.so" \
+	  || echo "fused TAPF kernel not built (make -C export/kernels says why); using the ONNX function fallback"
 
 demo: setup
 	$(BIN)/polarity demo --out $(DEMO_DIR)

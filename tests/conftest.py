@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from bundle_factory import BuiltBundle, build_bundle
 from redis_process import RedisProcess
 
 
@@ -34,3 +35,9 @@ def private_redis() -> Iterator[RedisProcess]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> BuiltBundle:
+    """A real exported bundle (OneTrans + TAPF, L=20, d=16) with its training log and run, built once per session."""
+    return build_bundle(tmp_path_factory.mktemp("tiny_bundle"))
