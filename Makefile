@@ -36,5 +36,15 @@ lint: setup
 bench: setup
 	$(BIN)/polarity bench --out BENCHMARKS.md
 
+# Fault, fuzz, reload and soak tests against live services (about 15 min: the soak alone is
+# POLARITY_SOAK_S=600 s), then the fast reliability subset CI also runs; each test writes its
+# figure into BENCHMARKS.md (section reliability-<test>).
+POLARITY_SOAK_S ?= 600
+reliability: setup
+	POLARITY_SOAK_S=$(POLARITY_SOAK_S) POLARITY_RELIABILITY_REPORT=$(CURDIR)/BENCHMARKS.md \
+	  $(PYTHON) -m pytest -m reliability -p no:cacheprovider
+	POLARITY_RELIABILITY_REPORT=$(CURDIR)/BENCHMARKS.md \
+	  $(PYTHON) -m pytest -m "not reliability and not bench" -p no:cacheprovider tests/reliability
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -5,7 +5,8 @@ opens `model.onnx` with ONNX Runtime.
 
 A bundle directory holds
 
-    model.onnx            the graph (inputs `model.batch.INPUT_NAMES`, output `probability` (N,))
+    model.onnx            the graph: inputs `model.batch.INPUT_NAMES`; outputs `probability` (N,) and,
+                          in bundles that have it, `attention` (N, L) (see `ATTENTION_NAME`)
     model.opt.onnx        optional ONNX Runtime-optimised copy (`polarity export --optimize`)
     feature_spec.json     `FeatureSpec.to_dict()` the model was trained with
     vocab/*.json          the training vocabulary (`model.vocab.VOCAB_FILES`)
@@ -31,6 +32,7 @@ from model.feature_spec import FeatureSpec, SpecError
 from model.vocab import VOCAB_FILES, Vocabulary
 
 __all__ = [
+    "ATTENTION_NAME",
     "FEATURE_SPEC_FILE",
     "FORMAT",
     "FORMAT_VERSION",
@@ -57,6 +59,9 @@ OPTIMIZED_MODEL_FILE = "model.opt.onnx"
 FEATURE_SPEC_FILE = "feature_spec.json"
 VOCAB_DIR = "vocab"
 OUTPUT_NAME = "probability"
+# Per-candidate weights over the L history positions (N, L) float32, rows summing to 1 over the real
+# tokens (0 for an empty history, and 0 on padding). What it is per arch: manifest `model.attention`.
+ATTENTION_NAME = "attention"
 
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _TENSOR = {
@@ -148,7 +153,9 @@ class BundleExpectation:
     """What the loader (the service) will feed the model; `load_manifest` refuses a bundle that differs.
 
     feature_spec: the spec the caller assembles sequences with (a `FeatureSpec` or its `to_dict()`),
-    None to accept the bundle's own; input_names/output_names: the graph's tensors, in order.
+    None to accept the bundle's own; input_names: the graph's inputs, exactly and in order;
+    output_names: the outputs the caller reads (the bundle must have them; extra outputs such as
+    `attention` are fine, so a caller that only reads probabilities accepts every bundle).
     """
 
     feature_spec: FeatureSpec | Mapping[str, Any] | None = None
@@ -199,6 +206,11 @@ class Manifest:
     @property
     def output_names(self) -> tuple[str, ...]:
         return tuple(str(t["name"]) for t in self.data["outputs"])
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the graph also outputs `attention` (N, L) (bundles exported before it existed do not)."""
+        return ATTENTION_NAME in self.output_names
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -288,10 +300,13 @@ def spec_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> 
 
 def _check_expectation(manifest: Manifest, expect: BundleExpectation) -> None:
     where = manifest.root
-    for kind, want, have in (("inputs", expect.input_names, manifest.input_names),
-                             ("outputs", expect.output_names, manifest.output_names)):
-        if tuple(want) != tuple(have):
-            raise BundleError(f"{where}: graph {kind} are {list(have)}, the caller feeds {list(want)}")
+    if tuple(expect.input_names) != manifest.input_names:
+        raise BundleError(f"{where}: graph inputs are {list(manifest.input_names)}, the caller feeds "
+                          f"{list(expect.input_names)}")
+    missing = [name for name in expect.output_names if name not in manifest.output_names]
+    if missing:
+        raise BundleError(f"{where}: graph outputs are {list(manifest.output_names)}, the caller reads "
+                          f"{list(expect.output_names)} (missing {missing})")
     if expect.feature_spec is not None:
         want_spec = expect.feature_spec.to_dict() if isinstance(expect.feature_spec, FeatureSpec) \
             else dict(expect.feature_spec)

@@ -3,8 +3,10 @@
 Steps:
 1. rebuild the model from the run (`model.train.load_checkpoint`) and check the exporter can
    represent it (`ExportError` otherwise);
-2. wrap it for serving (`ServingModel`: sigmoid on the logits; every TAPF gate replaced by
-   `FoldedTAPFGate`, which holds the folded weights as constants and calls `tapf::gate`);
+2. wrap it for serving (`ServingModel`: sigmoid on the logits, plus the candidates' attention over
+   the history as a second output; every TAPF gate replaced by `FoldedTAPFGate`, which holds the
+   folded weights as constants and calls `tapf::gate`, and every DIN target attention by
+   `FoldedTargetAttention`, one per-candidate matrix instead of two token-wide linears);
 3. export with the dynamo exporter; `tapf::gate` becomes one `tapf.fused::TAPFGate` node through
    the custom translation table (`export.tapf_onnx`), and the model-local function of the same
    name is attached so stock ONNX Runtime runs the file by inlining it;
@@ -33,9 +35,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.bundle import (
+    ATTENTION_NAME,
     FEATURE_SPEC_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -50,6 +54,9 @@ from export.tapf_onnx import ONNX_OPSET, TAPF_DOMAIN, TAPF_DOMAIN_VERSION, TAPF_
 from model.batch import INPUT_NAMES, InputArrays
 from model.feature_spec import OOV_INDEX, FeatureSpec, SpecError
 from model.models.config import ARCHS, ModelConfig
+from model.models.ctr_model import SequenceCTRModel
+from model.modules.attention import TargetAttention, masked_softmax
+from model.modules.gather import per_candidate
 from model.modules.polarity_gate import TAPFGate, tapf_gate
 from model.vocab import VOCAB_FILES
 
@@ -58,11 +65,13 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ExportError",
     "FoldedTAPFGate",
+    "FoldedTargetAttention",
     "ServingModel",
     "export_bundle",
     "export_onnx",
     "load_run",
     "random_inputs",
+    "reference_outputs",
     "unfolded_parameter_ops",
 ]
 
@@ -108,35 +117,113 @@ class FoldedTAPFGate(nn.Module):
         return out
 
 
-class ServingModel(nn.Module):
-    """Inference wrapper: the model's serving-shaped forward -> click probabilities (N,).
+class FoldedTargetAttention(nn.Module):
+    """A trained DIN `TargetAttention` rewritten for serving; same inputs, outputs and maths.
 
-    The model returns logits (the loss lives in training); serving wants probabilities, so the
-    sigmoid is part of the exported graph.
+    The activation unit's first layer is `A h + b + B v + C (h * v)` for token h and candidate v.
+    Per candidate that is one matrix, `h (A^T + v[:, None] * C^T) + (b + B v)`: a (d, h) matrix per
+    candidate replaces the elementwise (N, L, d) product and one of the two (N*L, d) x (d, h) GEMMs.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    w_token: Tensor
+    w_product: Tensor
+
+    def __init__(self, att: TargetAttention) -> None:
         super().__init__()
+        with torch.no_grad():
+            self.register_buffer("w_token", att.token.weight.detach().T.contiguous().clone())  # (d, h)
+            self.register_buffer("w_product", att.product.weight.detach().T.contiguous().clone())  # (d, h)
+        self.token_bias = att.token.bias
+        self.target = att.target
+        self.score = att.score
+
+    def forward(self, tokens: Tensor, cand: Tensor, mask: Tensor, cand_user: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """tokens (N, L, d), or (U, L, d) with cand_user (N,); cand (N, d) -> pooled (N, d), weights (N, L)."""
+        if cand_user is not None:
+            tokens, mask = per_candidate(tokens, cand_user), per_candidate(mask, cand_user)
+        per_cand = self.w_token + cand.unsqueeze(-1) * self.w_product  # (N, d, h)
+        bias = self.target(cand) + self.token_bias  # (N, h)
+        hidden = torch.bmm(tokens, per_cand) + bias.unsqueeze(1)  # (N, L, h)
+        weights = masked_softmax(self.score(F.silu(hidden)).squeeze(-1), mask)  # (N, L)
+        return torch.einsum("nl,nld->nd", weights, tokens), weights
+
+
+# What the `attention` output holds, per arch (manifest `model.attention`): always the weights
+# with which the candidate-side query pools the (gated) history into what the head reads.
+ATTENTION_SOURCES = {
+    "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens",
+    "transformer": "DIN target attention of the candidate over the L encoded (TAPF-gated) tokens",
+    "onetrans": "aggregation attention of the candidate's NS tokens over the final S tokens (gated), averaged "
+                "over the NS tokens; the positions the pyramid dropped (the oldest) are 0",
+    "dual_stream": "target attention of each polarity stream over its own tokens, halved so a row sums to 1",
+}
+
+
+class ServingModel(nn.Module):
+    """Inference wrapper: the model's serving-shaped inputs -> click probabilities (N,) and, with
+    `attention=True`, each candidate's attention weights over the L history positions (N, L).
+
+    The model returns logits (the loss lives in training); serving wants probabilities, so the
+    sigmoid is part of the exported graph. The attention comes from `SequenceCTRModel.score`, which
+    the model's own `forward` calls too: the probabilities are the same either way.
+    """
+
+    def __init__(self, model: nn.Module, *, attention: bool = True) -> None:
+        super().__init__()
+        if not isinstance(model, SequenceCTRModel):
+            raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel; the exporter cannot serve it")
         self.model = model
+        self.attention = attention
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (OUTPUT_NAME, ATTENTION_NAME) if self.attention else (OUTPUT_NAME,)
 
     def forward(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
                 seq_mask: Tensor, user_stats: Tensor, cand_item: Tensor, cand_category: Tensor,
-                cand_user: Tensor) -> Tensor:
-        logits = self.model(seq_item, seq_category, seq_polarity, seq_event, seq_mask, user_stats, cand_item,
-                            cand_category, cand_user)
-        return torch.sigmoid(logits)
+                cand_user: Tensor) -> tuple[Tensor, ...]:
+        """-> (probability (N,),) or (probability (N,), attention (N, L))."""
+        model = self.model
+        tokens = model.embed.tokens(seq_item, seq_category, seq_polarity, seq_event, seq_mask)  # (U, L, d)
+        cand = model.embed.candidate(cand_item, cand_category)  # (N, d)
+        logits, weights = model.score(tokens=tokens, polarity=seq_polarity, mask=seq_mask, stats=user_stats,
+                                      cand=cand, cand_user=cand_user)  # (N,), (N, L)
+        probs = torch.sigmoid(logits)
+        return (probs, weights) if self.attention else (probs,)
 
     @classmethod
-    def from_trained(cls, model: nn.Module) -> ServingModel:
-        """A deep copy of `model` in eval mode with every TAPFGate folded (the original is untouched)."""
+    def from_trained(cls, model: nn.Module, *, attention: bool = True) -> ServingModel:
+        """A deep copy of `model` in eval mode with every TAPFGate and TargetAttention folded (the original
+        is untouched)."""
         served = copy.deepcopy(model).eval()
         for parent in list(served.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, TAPFGate):
                     setattr(parent, name, FoldedTAPFGate(child))
+                elif isinstance(child, TargetAttention):
+                    setattr(parent, name, FoldedTargetAttention(child))
         for p in served.parameters():
             p.requires_grad_(False)
-        return cls(served).eval()
+        return cls(served, attention=attention).eval()
+
+
+def reference_outputs(model: nn.Module, inputs: InputArrays) -> dict[str, np.ndarray]:
+    """What a bundle must reproduce, from the trained torch model's own API (unfolded gates, not the
+    export wrapper): {"probability": sigmoid(model(...)) (N,), "attention": model.attention(...) (N, L)},
+    float64."""
+    if not isinstance(model, SequenceCTRModel):
+        raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel")
+    x = to_torch(inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            probs = torch.sigmoid(model(**x))
+            attention = model.attention(**x)
+    finally:
+        model.train(was_training)
+    return {OUTPUT_NAME: probs.numpy().astype(np.float64), ATTENTION_NAME: attention.numpy().astype(np.float64)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +267,8 @@ def check_representable(model: nn.Module, config: ModelConfig, spec: FeatureSpec
     """Raise ExportError for anything the bundle cannot represent faithfully; returns the number of TAPF gates."""
     if config.arch not in ARCHS:
         raise ExportError(f"arch {config.arch!r} has no export path (known: {ARCHS})")
+    if not isinstance(model, SequenceCTRModel):
+        raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel; the exporter cannot serve it")
     bad_dtype = sorted({str(t.dtype) for t in model.state_dict().values()
                         if t.is_floating_point() and t.dtype != torch.float32})
     if bad_dtype:
@@ -304,7 +393,7 @@ def _dynamic_shapes() -> dict[str, dict[int, Any]]:
 
 
 def _rename_dynamic_axes(model: ir.Model) -> None:
-    """Name the batch axes U (users) and N (candidates) on every input and the output."""
+    """Name the batch axes U (users) and N (candidates) on every input and output (outputs are per candidate)."""
     for value in model.graph.inputs:
         axis = _USER_AXES.get(value.name or "") or _CAND_AXES.get(value.name or "")
         if axis and value.shape is not None and len(value.shape) >= 1:
@@ -312,8 +401,10 @@ def _rename_dynamic_axes(model: ir.Model) -> None:
             dims[0] = ir.SymbolicDim(axis)
             value.shape = ir.Shape(dims)
     for value in model.graph.outputs:
-        if value.shape is not None and len(value.shape) == 1:
-            value.shape = ir.Shape([ir.SymbolicDim("N")])
+        if value.shape is not None and len(value.shape) >= 1:
+            dims = list(value.shape)
+            dims[0] = ir.SymbolicDim("N")
+            value.shape = ir.Shape(dims)
 
 
 def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int) -> ir.Model:
@@ -328,7 +419,7 @@ def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int)
                 _quiet_loggers("torch.onnx", level=logging.ERROR):  # "torchvision is not installed" chatter
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                served, args, dynamo=True, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                served, args, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(served.output_names),
                 dynamic_shapes=_dynamic_shapes(), opset_version=ONNX_OPSET, optimize=False, verbose=False,
                 custom_translation_table={torch.ops.tapf.gate.default: translate_tapf_gate},
             )
@@ -354,6 +445,9 @@ def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int)
         raise ExportError(f"weights not folded into initializers: {leftover[:5]}")
     _rename_dynamic_axes(model)
     model.graph.name = "polarity"
+    names = tuple(v.name for v in model.graph.outputs)
+    if names != served.output_names:
+        raise ExportError(f"exported graph outputs {list(names)}, expected {list(served.output_names)}")
     return model
 
 
@@ -410,7 +504,7 @@ def save_optimized_copy(model_path: Path, out_path: Path) -> Path:
 
 def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = False, check: bool = False,
                   tol: float = 1e-5, name: str | None = None, version: str | None = None,
-                  overwrite: bool = True) -> Path:
+                  overwrite: bool = True, attention: bool = True) -> Path:
     """Export the run in `run_dir` into the bundle directory `out_dir`; returns `out_dir`.
 
     optimize: also write `model.opt.onnx` (ONNX Runtime-optimised copy).
@@ -418,6 +512,8 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
       whose ONNX Runtime output differs from torch by more than `tol` (max abs, probabilities) is
       not written (`ParityError`). The report goes into the manifest.
     name/version: manifest identity (default: run directory name / first 12 hex of model.onnx's sha256).
+    attention: also output `attention` (N, L), each candidate's weights over the history (for
+      `explain`); the probabilities are the same with or without it.
     The bundle is assembled in a sibling staging directory and moved into place at the end, so a
     failed export never leaves a half-written bundle behind.
     """
@@ -428,7 +524,7 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
         raise ExportError(f"{out_dir} exists and is not empty")
     run = load_run(run_dir)
     n_gates = check_representable(run.model, run.model_config, run.spec)
-    served = ServingModel.from_trained(run.model)
+    served = ServingModel.from_trained(run.model, attention=attention)
     model = export_onnx(served, run.spec, expected_gates=n_gates)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -479,6 +575,7 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
     cfg = run.model_config
     created = dt.datetime.now(dt.UTC).replace(microsecond=0)
     model.producer_name = "polarity"
+    outputs = [v.name for v in model.graph.outputs]
     model.metadata_props.update({"polarity.arch": cfg.arch, "polarity.seq_variant": cfg.seq_variant,
                                  "polarity.seq_len": str(run.spec.sequence.seq_len)})
     proto = ir.serde.serialize_model(model)
@@ -517,6 +614,7 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
             "d_model": cfg.d_model,
             "tapf_gates": n_gates,
             "tapf_placement": cfg.tapf_placement if cfg.uses_tapf else None,
+            "attention": ATTENTION_SOURCES.get(cfg.arch) if ATTENTION_NAME in outputs else None,
             "config": cfg.to_dict(),
         },
         "feature_spec": run.spec.to_dict(),

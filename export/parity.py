@@ -7,7 +7,8 @@
   all-padding sequences and OOV items/categories;
 on every model file of the bundle (`model.onnx`, and `model.opt.onnx` when present), through the
 ONNX-function fallback and, when the library is built, through the fused custom kernel. It reports
-the max absolute difference of the probabilities per case.
+the max absolute difference per case of the probabilities and, for bundles that output it, of the
+attention weights (N, L); both must be within the tolerance.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from export.bundle import MODEL_FILE, OPTIMIZED_MODEL_FILE, load_manifest
+from export.bundle import ATTENTION_NAME, MODEL_FILE, OPTIMIZED_MODEL_FILE, OUTPUT_NAME, load_manifest
 from export.custom_kernel import kernel_library_path, register_kernel
-from export.onnx_export import ExportError, load_run, random_inputs, to_torch
+from export.onnx_export import ExportError, load_run, random_inputs, reference_outputs
 from model.batch import InputArrays, inputs_from_sequences
 from model.feature_spec import FeatureSpec
 
@@ -42,7 +42,12 @@ class ParityCase:
     path: str  # "function" (stock kernels, inlined ONNX function) or "kernel" (fused custom op)
     n_users: int
     n_candidates: int
-    max_abs_diff: float
+    max_abs_diff: float  # probabilities
+    attention_max_abs_diff: float | None = None  # None: the bundle has no attention output
+
+    @property
+    def worst_diff(self) -> float:
+        return max(self.max_abs_diff, self.attention_max_abs_diff or 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,26 +58,36 @@ class ParityReport:
 
     @property
     def max_abs_diff(self) -> float:
+        """Worst probability difference."""
         return max((c.max_abs_diff for c in self.cases), default=0.0)
 
     @property
+    def attention_max_abs_diff(self) -> float | None:
+        """Worst attention-weight difference; None when the bundle has no attention output."""
+        diffs = [c.attention_max_abs_diff for c in self.cases if c.attention_max_abs_diff is not None]
+        return max(diffs) if diffs else None
+
+    @property
     def passed(self) -> bool:
-        return bool(self.cases) and self.max_abs_diff <= self.tol
+        return bool(self.cases) and all(c.worst_diff <= self.tol for c in self.cases)
 
     def worst(self) -> ParityCase | None:
-        return max(self.cases, key=lambda c: c.max_abs_diff, default=None)
+        return max(self.cases, key=lambda c: c.worst_diff, default=None)
 
     def to_dict(self) -> dict[str, Any]:
         paths = sorted({c.path for c in self.cases})
-        return {"tol": self.tol, "max_abs_diff": self.max_abs_diff, "passed": self.passed, "data": self.data,
+        return {"tol": self.tol, "max_abs_diff": self.max_abs_diff,
+                "attention_max_abs_diff": self.attention_max_abs_diff, "passed": self.passed, "data": self.data,
                 "paths": paths, "cases": [asdict(c) for c in self.cases]}
 
     def summary(self) -> str:
         worst = self.worst()
         where = f" (worst: {worst.name}, {worst.model_file}, {worst.path} path)" if worst else ""
         verdict = "ok" if self.passed else "FAILED"
-        return (f"parity {verdict}: max |p_onnx - p_torch| = {self.max_abs_diff:.3g} over {len(self.cases)} "
-                f"case(s), tolerance {self.tol:g}{where}")
+        att = self.attention_max_abs_diff
+        att_part = f", max |attention diff| = {att:.3g}" if att is not None else ""
+        return (f"parity {verdict}: max |p_onnx - p_torch| = {self.max_abs_diff:.3g}{att_part} over "
+                f"{len(self.cases)} case(s), tolerance {self.tol:g}{where}")
 
 
 def _sub_batch(inputs: InputArrays, users: np.ndarray) -> InputArrays:
@@ -185,10 +200,10 @@ def check_parity(run_dir: Path | str, bundle_dir: Path | str, *, n_requests: int
     use_kernel = kernel if kernel is not None else (kernel_library_path() is not None and manifest.tapf_gates > 0)
     paths = ["function", *(["kernel"] if use_kernel else [])]
 
-    expected = []
-    with torch.no_grad():
-        for _, inputs in cases:
-            expected.append(torch.sigmoid(model(**to_torch(inputs))).numpy().astype(np.float64))
+    expected = [reference_outputs(model, inputs) for _, inputs in cases]
+    outputs = manifest.output_names
+    if OUTPUT_NAME not in outputs:
+        raise ParityError(f"{manifest.root}: the graph has no {OUTPUT_NAME!r} output ({list(outputs)})")
     results: list[ParityCase] = []
     for path_kind in paths:
         for model_file in files:
@@ -197,16 +212,22 @@ def check_parity(run_dir: Path | str, bundle_dir: Path | str, *, n_requests: int
                 continue
             session = _session(model_file, kernel=path_kind == "kernel")
             for (name, inputs), want in zip(cases, expected, strict=True):
-                got = session.run(None, inputs.as_dict())[0]
-                if got.shape != want.shape:
-                    raise ParityError(f"{model_file.name}: output shape {got.shape} != torch {want.shape} ({name})")
-                diff = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
-                if not np.isfinite(got).all():
-                    diff = float("inf")
+                got = dict(zip(outputs, session.run(list(outputs), inputs.as_dict()), strict=True))
+                diffs = {key: _max_abs_diff(got[key], want[key], f"{model_file.name} {key} ({name})")
+                         for key in (OUTPUT_NAME, ATTENTION_NAME) if key in got}
                 results.append(ParityCase(name=name, model_file=model_file.name, path=path_kind,
                                           n_users=inputs.n_users, n_candidates=inputs.n_candidates,
-                                          max_abs_diff=diff))
+                                          max_abs_diff=diffs[OUTPUT_NAME],
+                                          attention_max_abs_diff=diffs.get(ATTENTION_NAME)))
     return ParityReport(tol=tol, cases=results, data=data)
+
+
+def _max_abs_diff(got: np.ndarray, want: np.ndarray, what: str) -> float:
+    if got.shape != want.shape:
+        raise ParityError(f"{what}: output shape {got.shape} != torch {want.shape}")
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
 
 
 def assert_parity(report: ParityReport) -> None:

@@ -63,21 +63,106 @@ def bench_train_throughput(samples: int = 20_480) -> str:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        log = write_event_log(generate(SyntheticWorldConfig(events=300_000, users=3_000)), Path(tmp) / "e.parquet")
+        # A small log: only training is timed; the test part (20%) is still evaluated, valid is skipped.
+        log = write_event_log(generate(SyntheticWorldConfig(events=100_000, users=1_000)), Path(tmp) / "e.parquet")
         for arch, seq, placement in [("din", "pos", "encoded"), ("din", "mix-tapf", "encoded"),
                                      ("transformer", "mix-tapf", "encoded"), ("transformer", "mix-tapf", "input"),
                                      ("onetrans", "pos", "encoded"), ("onetrans", "mix-pbe", "encoded"),
                                      ("onetrans", "mix-tapf", "encoded"), ("onetrans", "mix-tapf", "input")]:
             cfg = TrainConfig(data=str(log), arch=arch, seq=seq, max_train_samples=samples,
-                              model_overrides={"tapf_placement": placement}, eval_batch_size=4096)
+                              model_overrides={"tapf_placement": placement}, eval_batch_size=4096,
+                              eval_valid=False)
             m = train(cfg, out=None, progress=False)
-            rows.append(f"| {arch} | {seq} | {placement} | {m['train']['samples_per_s']:,.0f} |")
+            sps = m["train"]["samples_per_s"]
+            mflop = _train_mflop_per_sample(cfg, log)
+            rows.append(f"| {arch} | {seq} | {placement} | {sps:,.0f} | {mflop:.1f} | {sps * mflop / 1e3:.1f} |")
     return (_header("Training throughput") + f"\nL=100, r=0.5, d=64, batch 2048 (micro-batches of 256), Adam, "
             f"{torch.get_num_threads()} torch threads, {samples:,} training samples per row (sequence building "
-            "included).\n\n| arch | seq | TAPF placement | samples/s |\n|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            f"included). Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}."
+            " MFLOP/sample: forward + backward of one training sample, counted by torch's FlopCounterMode (matrix "
+            "products and attention); GFLOP/s = samples/s × MFLOP/sample, the arithmetic rate the row sustained."
+            "\n\n| arch | seq | TAPF placement | samples/s | MFLOP/sample | GFLOP/s |\n|---|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
-BENCHES: dict[str, Callable[[], str]] = {"synth": bench_synth, "train": bench_train_throughput}
+def _train_mflop_per_sample(cfg: object, log: Path, n: int = 64) -> float:
+    """Counted forward + backward FLOPs of one training sample of `cfg`'s model (64-sample micro-batch)."""
+    import dataclasses
+
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.models.config import build_model
+    from model.train import TrainConfig, prepare_data, to_tensors
+
+    assert isinstance(cfg, TrainConfig)
+    data = prepare_data(dataclasses.replace(cfg, max_train_samples=n))
+    model = build_model(cfg.model_config(), data.spec)
+    inputs = {**to_tensors(data.train.inputs(np.arange(min(n, len(data.train))))), "cand_user": None}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**inputs).sum().backward()
+    return counter.get_total_flops() / min(n, len(data.train)) / 1e6
+
+
+def bench_export_gate() -> str:
+    """TAPF gate alone: naive export vs folded vs function fallback vs fused kernel (export/benchmarks.py)."""
+    from export.benchmarks import bench_gate
+
+    return bench_gate()
+
+
+def bench_export_serving() -> str:
+    """Whole model per request: torch eager vs naive per-candidate export vs the bundle (export/benchmarks.py)."""
+    from export.benchmarks import bench_serving
+
+    return bench_serving()
+
+
+def bench_big_logs() -> str:
+    """Sample construction from 10M / 50M-event Parquet logs, streamed vs in memory (model/data/stream_bench.py)."""
+    from model.data.stream_bench import bench_big_logs as run
+
+    return run()
+
+
+def bench_fleet() -> str:
+    """Service capacity: processes vs ORT threads vs micro-batching, live `polarity serve` (loadtest/fleet_bench.py)."""
+    from loadtest.fleet_bench import bench_fleet as run
+
+    return run()
+
+
+BENCHES: dict[str, Callable[[], str]] = {"synth": bench_synth, "train": bench_train_throughput,
+                                         "gate": bench_export_gate, "serving": bench_export_serving,
+                                         "big_logs": bench_big_logs, "fleet": bench_fleet}
+
+
+def _serving_bench(name: str) -> Callable[[], str]:
+    """A section of loadtest/serving_bench.py (HTTP service benchmarks), imported only when run."""
+
+    def run() -> str:
+        from loadtest.serving_bench import BENCHES as SERVING_BENCHES
+
+        return SERVING_BENCHES[name]()
+
+    run.__doc__ = f"loadtest.serving_bench: {name}"
+    return run
+
+
+# /v1/score latency and capacity, four serving paths, cost growth, ingest throughput (one shared
+# redis-server + random OneTrans bundle per process; a few minutes together).
+BENCHES.update({name: _serving_bench(name) for name in ("http_score", "http_paths", "cost", "ingest")})
+
+
+def bench_placement() -> str:
+    """TAPF placement: serving time per request, encoded vs literal input placement (model/experiments.py)."""
+    from model.experiments import placement_cost
+
+    return _header("TAPF placement: serving cost per request (torch)") + placement_cost()
+
+
+BENCHES["placement"] = bench_placement
 
 
 def update_section(path: Path, name: str, body: str) -> None:

@@ -174,9 +174,17 @@ def machine() -> str:
         f"{platform.machine()}, torch {torch.__version__}"
 
 
+def _train_run(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One run in a worker process (`run_experiment(jobs > 1)`)."""
+    return train(TrainConfig.from_dict(cfg), out=Path(run_dir), progress=False)
+
+
 def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: list[str],
-                   train_overrides: dict[str, Any]) -> Path:
-    """Run (or resume) experiment `name`; write JSON, markdown tables and PNGs; return the table's path."""
+                   train_overrides: dict[str, Any], jobs: int = 1) -> Path:
+    """Run (or resume) experiment `name`; write JSON, markdown tables and PNGs; return the table's path.
+
+    `jobs` > 1 trains that many runs at once in worker processes (set `threads` in the overrides so
+    they do not oversubscribe the cores); results do not depend on it."""
     runs = plan(name, archs=archs, seeds=seeds)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,20 +202,42 @@ def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: li
     saved: dict[str, Any] = json.loads(json_path.read_text()) if json_path.exists() else {}
     records: dict[str, dict[str, Any]] = {r["name"]: r for r in saved.get("runs", [])}
     current: list[dict[str, Any]] = []
-    for i, run in enumerate(runs, 1):
-        key = run.key(name)
-        run_dir = out / "runs" / key
-        cfg = train_config(run, data=data, overrides=train_overrides)
-        metrics = _finished(run_dir, cfg)
-        resumed = metrics is not None
-        if metrics is None:
-            log.info("[%d/%d] training %s", i, len(runs), key)
-            metrics = train(cfg, out=run_dir, table=table, progress=False)
-        else:
-            log.info("[%d/%d] %s already finished; skipped", i, len(runs), key)
-        records[key] = _record(run, key, run_dir, metrics, resumed=resumed)
-        current.append(records[key])
+    planned = [(run, run.key(name), out / "runs" / run.key(name),
+                train_config(run, data=data, overrides=train_overrides)) for run in runs]
+    done = {key: m for _, key, run_dir, cfg in planned if (m := _finished(run_dir, cfg)) is not None}
+    todo = [(key, run_dir, cfg) for _, key, run_dir, cfg in planned if key not in done]
+    log.info("%s: %d runs planned, %d already finished, %d to train with %d job(s)", name, len(planned), len(done),
+             len(todo), jobs)
+    fresh: dict[str, dict[str, Any]] = {}
+
+    def record_all() -> None:
+        current.clear()
+        for run, key, run_dir, _ in planned:
+            metrics = done.get(key) or fresh.get(key)
+            if metrics is not None:
+                records[key] = _record(run, key, run_dir, metrics, resumed=key in done)
+                current.append(records[key])
         _write_json(json_path, {**header, "runs": list(records.values())})
+
+    if jobs > 1 and len(todo) > 1:
+        # Independent runs in worker processes (spawned: a forked OpenMP runtime can hang); each loads
+        # the log itself and writes its own run directory, exactly as the serial path would.
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from multiprocessing import get_context
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_train_run, dataclasses.asdict(cfg), str(run_dir)): key
+                       for key, run_dir, cfg in todo}
+            for k, future in enumerate(as_completed(futures), 1):
+                fresh[futures[future]] = future.result()
+                log.info("[%d/%d] trained %s", k, len(todo), futures[future])
+                record_all()
+    else:
+        for k, (key, run_dir, cfg) in enumerate(todo, 1):
+            log.info("[%d/%d] training %s", k, len(todo), key)
+            fresh[key] = train(cfg, out=run_dir, table=table, progress=False)
+            record_all()
+    record_all()
 
     attention = [
         {**attention_share(Path(r["run_dir"]), table, ATTENTION_SAMPLES),
@@ -573,3 +603,101 @@ def _save(fig: Any, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     _plt().close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- placement cost
+
+@torch.no_grad()
+def placement_cost(*, seq_len: int = 100, d_model: int = 64, candidates: tuple[int, ...] = (100, 500),
+                   repeats: int = 7, n_items: int = 20_000) -> str:
+    """Serving time per request (one user, N candidates, torch eager) of the two TAPF placements.
+
+    "encoded": the sequence encoder runs once per user and TAPF gates its output per candidate;
+    "input": the paper's literal order, TAPF gates the input tokens, so the encoder runs per candidate.
+    DIN has no encoder, so its two placements are the same computation and only "encoded" is timed.
+    Median of `repeats` calls after two warm-up calls; random weights (cost does not depend on them).
+    """
+    import time
+
+    from model.feature_spec import FeatureSpec, SequenceSpec
+    from model.models.config import build_model
+
+    spec = FeatureSpec(sequence=SequenceSpec(seq_len=seq_len), n_items=n_items + 2, n_categories=52,
+                       event_types=("<pad>", "click", "skip"), event_polarity=(0, 1, -1))
+    g = torch.Generator().manual_seed(0)
+    polarity = torch.randint(0, 2, (1, seq_len), generator=g) * 2 - 1  # (1, L) full history
+    seq = {"seq_item": torch.randint(2, n_items + 2, (1, seq_len), generator=g),
+           "seq_category": torch.randint(2, 52, (1, seq_len), generator=g), "seq_polarity": polarity,
+           "seq_event": torch.where(polarity > 0, 1, 2), "seq_mask": torch.ones(1, seq_len, dtype=torch.bool),
+           "user_stats": torch.rand(1, spec.n_stats, generator=g)}
+    rows = []
+    for arch in ("din", "transformer", "onetrans"):
+        for placement in ("encoded",) if arch == "din" else ("encoded", "input"):
+            model = build_model(ModelConfig(arch=arch, seq_variant="mix-tapf", d_model=d_model,
+                                            tapf_placement=placement), spec).eval()
+            cells = []
+            for n in candidates:
+                x = {**seq, "cand_item": torch.randint(2, n_items + 2, (n,), generator=g),
+                     "cand_category": torch.randint(2, 52, (n,), generator=g),
+                     "cand_user": torch.zeros(n, dtype=torch.long)}
+                times = []
+                for i in range(repeats + 2):
+                    t0 = time.perf_counter()
+                    model(**x)
+                    if i >= 2:
+                        times.append(time.perf_counter() - t0)
+                cells.append(f"{1000 * float(np.median(times)):.1f}")
+            rows.append(f"| {ARCH_LABEL[arch]} | {placement} | " + " | ".join(cells) + " |")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"\nOne request = 1 user's sequence (L={seq_len}, all slots filled) + N candidates, mix-tapf, d={d_model}, "
+            f"torch {torch.__version__} eager on CPU, {torch.get_num_threads()} threads, median of {repeats} calls. "
+            f"Load average at the end: {load}.\n\n| model | TAPF placement | "
+            + " | ".join(f"ms / request, N={n}" for n in candidates) + " |\n|---|---|" + "---|" * len(candidates)
+            + "\n" + "\n".join(rows) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- skip information
+
+def skip_information(table: EventTable, *, k: int = 5) -> dict[str, float]:
+    """How much recent skips say beyond recent clicks on a log, model-free (a diagnostic for new data).
+
+    Each impression gets two count features: how many of the user's last `k` clicks, and how many of
+    the last `k` skips, share the candidate's category (the item when the log has no categories), plus
+    whether the very last click does. The click rate of each feature combination, used as a score,
+    gives an in-sample AUC with the click features alone and with the skip count added; their ratio is
+    what the skips add to this simple summary of the history (a model can find more, or less).
+    """
+    from model.data.events import NO_CATEGORY
+    from model.metrics import auc as auc_of
+
+    key = table.category if (table.category != NO_CATEGORY).any() else table.item
+    y = table.label.astype(np.int64)
+    n = len(y)
+    user_start = np.maximum.accumulate(np.where(np.r_[True, table.user[1:] != table.user[:-1]], np.arange(n), 0))
+
+    def last_k_matches(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.flatnonzero(mask)
+        before = np.cumsum(mask) - mask  # masked events strictly before each event (table order = time order)
+        first = before[user_start]  # ... and before the user's first event
+        count, last = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool)
+        for j in range(k):
+            pos = before - 1 - j
+            ok = pos >= first
+            hit = np.zeros(n, dtype=bool)
+            hit[ok] = key[idx[pos[ok]]] == key[ok]
+            count += hit
+            if j == 0:
+                last = hit
+        return count, last
+
+    pos_count, pos_last = last_k_matches(y == 1)
+    neg_count, _ = last_k_matches(y == 0)
+
+    def rate_auc(*features: np.ndarray) -> float:
+        groups = np.unique(np.stack(features, axis=1), axis=0, return_inverse=True)[1].ravel()
+        rate = np.bincount(groups, weights=y) / np.bincount(groups)
+        return auc_of(y, rate[groups])
+
+    clicks = rate_auc(pos_count, pos_last)
+    both = rate_auc(pos_count, pos_last, neg_count)
+    return {"auc_clicks": clicks, "auc_clicks_and_skips": both, "relative_gain": both / clicks - 1, "k": k}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 
@@ -50,3 +51,32 @@ def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
     y = np.asarray(labels, dtype=np.float64)
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1.0 - eps)
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
+
+
+def summarize(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """{"n", "auc", "gauc", "logloss"} of one slice of a log; never raises.
+
+    A metric that is undefined on the slice (AUC with one class, GAUC with no user who has both
+    labels, anything on an empty slice) is None, and `notes` says why, so evaluation on any log,
+    however small or lopsided its buckets, finishes and reports what it can.
+    """
+    labels = np.asarray(labels)
+    n = int(labels.shape[0])
+    out: dict[str, Any] = {"n": n, "auc": None, "gauc": None, "logloss": None}
+    notes: list[str] = []
+    if n == 0:
+        notes.append("no samples")
+    else:
+        out["logloss"] = logloss(labels, probs)
+        n_pos = int((labels > 0.5).sum())
+        if n_pos in (0, n):
+            notes.append(f"AUC and GAUC undefined: all {n} labels are {int(n_pos > 0)}")
+        else:
+            out["auc"] = auc(labels, probs)
+            try:
+                out["gauc"] = gauc(users, labels, probs)
+            except ValueError:
+                notes.append("GAUC undefined: no user has both a positive and a negative impression")
+    if notes:
+        out["notes"] = notes
+    return out

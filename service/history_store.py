@@ -31,19 +31,24 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
-    ConnectionError as RedisConnectionError,
-)
-from redis.exceptions import (
+    ClusterError,
     NoScriptError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
+    TryAgainError,
+)
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
 )
 from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
@@ -117,6 +122,11 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     ReadOnlyError,
     TimeoutError,  # asyncio.TimeoutError is the builtin one since 3.11
     OSError,
+    # Redis Cluster: CLUSTERDOWN / MASTERDOWN (a master is gone), TRYAGAIN (slot migrating), and the
+    # client's own "no reachable node" / "slot not covered" errors.
+    ClusterError,
+    TryAgainError,
+    RedisClusterException,
 )
 
 
@@ -147,6 +157,11 @@ def create_redis(
     connect_timeout_s / op_timeout_s: socket connect and read/write timeouts; max_connections:
     pool size (callers beyond it wait up to pool_timeout_s, default op_timeout_s, then fail);
     retries: extra attempts on connection errors and timeouts, with exponential backoff.
+
+    `redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`) gives a Redis Cluster client
+    (`redis.asyncio.cluster.RedisCluster`, the listed nodes as startup nodes, max_connections per
+    node). It offers the commands the store and the stream consumer use, so callers need no branch;
+    its type is still declared `Redis` to keep this signature for existing callers.
     """
     if connect_timeout_s <= 0 or op_timeout_s <= 0:
         raise ValueError("timeouts must be > 0")
@@ -159,6 +174,10 @@ def create_redis(
         retries,
         supported_errors=(RedisConnectionError, RedisTimeoutError),
     )
+    if urlsplit(url).scheme.lower() in CLUSTER_SCHEMES:
+        return cast(Redis, _create_cluster(url, connect_timeout_s=connect_timeout_s, op_timeout_s=op_timeout_s,
+                                           max_connections=max_connections, retry=retry,
+                                           health_check_interval_s=health_check_interval_s))
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -169,6 +188,38 @@ def create_redis(
         health_check_interval=health_check_interval_s,
     )
     return Redis.from_pool(pool)
+
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def _create_cluster(
+    url: str, *, connect_timeout_s: float, op_timeout_s: float, max_connections: int, retry: Retry,
+    health_check_interval_s: int,
+) -> RedisCluster:
+    """`redis+cluster://[user:password@]host:port[,host:port...][/0]` -> RedisCluster."""
+    parts = urlsplit(url)
+    auth, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = auth.partition(":")
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"Redis Cluster has only database 0, got {parts.path!r} in the URL")
+    nodes = []
+    for hostport in hosts.split(","):
+        host, _, port = hostport.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"cluster URL node {hostport!r} is not host:port")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    return RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        ssl=parts.scheme.lower().startswith("rediss"),
+        max_connections=max_connections,
+        socket_connect_timeout=connect_timeout_s,
+        socket_timeout=op_timeout_s,
+        retry=retry,
+        health_check_interval=health_check_interval_s,
+    )
 
 
 def user_tag(user_id: str) -> str:
@@ -358,22 +409,31 @@ class HistoryStore:
                 pipe = self.redis.pipeline(transaction=False)
                 for i in pending:
                     keys, args = calls[i]
-                    pipe.evalsha(sha, len(keys), *keys, *args)
+                    # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses the
+                    # evalsha method, but routes a raw EVALSHA by its keys' slot (one user's keys
+                    # share a hash tag), one pipeline per node, so this works on both clients.
+                    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
                 replies = await pipe.execute(raise_on_error=False)
-                missing = []
+                missing, lost = [], []
                 for i, reply in zip(pending, replies, strict=True):
                     if isinstance(reply, NoScriptError) and attempt == 0:
                         missing.append(i)
+                    elif isinstance(reply, (RedisConnectionError, RedisTimeoutError)) and attempt == 0:
+                        # Only the cluster pipeline reports a dropped connection (e.g. a stale one to a
+                        # restarted master) as a reply instead of retrying it: retry once, as the
+                        # single-node client's Retry does (same at-least-once caveat, see above).
+                        lost.append(i)
                     elif isinstance(reply, Exception):
                         raise reply
                     else:
                         results[i] = reply
-                if not missing:
+                if not missing and not lost:
                     break
-                loaded = await self.redis.script_load(script)
-                if _text(loaded) != sha:
-                    raise HistoryStoreError(f"SCRIPT LOAD returned {loaded!r}, expected {sha}")
-                pending = missing
+                if missing:
+                    loaded = await self.redis.script_load(script)
+                    if _text(loaded) != sha:
+                        raise HistoryStoreError(f"SCRIPT LOAD returned {loaded!r}, expected {sha}")
+                pending = sorted(missing + lost)
         return results
 
 

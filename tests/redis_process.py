@@ -7,6 +7,8 @@ anybody else's server.
 
 from __future__ import annotations
 
+import functools
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,13 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@functools.cache
+def _major_version(binary: str) -> int:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"v=(\d+)\.", out)
+    return int(match.group(1)) if match else 0
 
 
 class RedisProcess:
@@ -44,6 +53,9 @@ class RedisProcess:
             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.dir),
             "--logfile", str(self.dir / "redis.log"),
         ]
+        if _major_version(self.binary) >= 7:
+            # DEBUG SLEEP (slow-Redis fault tests) is refused from 7.0 on unless enabled; loopback clients only.
+            args += ["--enable-debug-command", "local"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -61,6 +73,19 @@ class RedisProcess:
             self.proc.terminate()
             self.proc.wait(timeout=10)
         self.proc = None
+
+    def restart(self) -> RedisProcess:
+        """Stop and start again on the same port (data survives only with appendonly=True)."""
+        self.stop()
+        return self.start()
+
+    def sleep(self, seconds: float) -> None:
+        """Block the whole server for `seconds` (DEBUG SLEEP): every client waits, nothing fails."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=seconds + 10) as s:
+            s.sendall(f"DEBUG SLEEP {seconds}\r\n".encode())
+            reply = s.recv(64)
+        if not reply.startswith(b"+OK"):
+            raise RuntimeError(f"DEBUG SLEEP failed: {reply!r}")
 
     def close(self) -> None:
         self.stop()

@@ -13,7 +13,9 @@ Fully vectorised and deterministic per seed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -80,7 +82,8 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     activity = rng.lognormal(0.0, 0.8, size=U)
     counts = rng.multinomial(E, activity / activity.sum())
     interest_cat = np.argsort(rng.random((U, C)), axis=1)[:, :M]  # (U, M) distinct categories
-    interest_vec = _unit(centroid[interest_cat] + cfg.interest_spread * rng.standard_normal((U, M, k)).astype(np.float32))
+    noise = rng.standard_normal((U, M, k)).astype(np.float32)
+    interest_vec = _unit(centroid[interest_cat] + cfg.interest_spread * noise)
 
     user = np.repeat(np.arange(U), counts)  # (E,) sorted by user
     first = np.zeros(U + 1, dtype=np.int64)
@@ -108,7 +111,8 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     from_popular = ~from_interest & (source < cfg.active_share + cfg.interest_share + cfg.popular_share)
     cat = interest_cat[user, chosen_interest]
     size = cat_ptr[cat + 1] - cat_ptr[cat]
-    in_cat = by_cat[cat_ptr[cat] + np.floor(rng.random(E) * np.maximum(size, 1)).astype(np.int64)]
+    # An empty category (few items) would index past the end; its rows take another source below.
+    in_cat = by_cat[np.minimum(cat_ptr[cat] + np.floor(rng.random(E) * np.maximum(size, 1)).astype(np.int64), I - 1)]
     popular = np.minimum(np.searchsorted(pop_cdf, rng.random(E)), I - 1)
     uniform = rng.integers(0, I, size=E)
     item = np.where(from_interest & (size > 0), in_cat, np.where(from_popular, popular, uniform))
@@ -184,3 +188,40 @@ def _calibrate_bias(score: np.ndarray, rate: float, rng: np.random.Generator) ->
         else:
             hi = mid
     return (lo + hi) / 2
+
+
+def write_large(cfg: SyntheticWorldConfig, path: str | Path, *, block_events: int = 2_000_000) -> Path:
+    """Write a synthetic log of `cfg.events` events to Parquet in user blocks, with bounded memory.
+
+    Block b is an independent world of the same shape (seed `cfg.seed * 1000 + b`, the block's
+    share of users, ids offset so that blocks never share a user) written as its own row groups, so
+    peak memory is that of one `generate` call of `block_events` events. The file stays sorted by
+    (user_id, timestamp), the order the streaming reader (`model.data.stream`) needs. Items keep the
+    same id range in every block but not the same latent vectors: fine for throughput and memory
+    benchmarks, not a single coherent world (use `generate` for that).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_blocks = max(1, -(-cfg.events // block_events))
+    users_per_block = max(1, cfg.users // n_blocks)
+    tmp = path.with_name(path.name + ".partial")
+    writer: pq.ParquetWriter | None = None
+    try:
+        for b in range(n_blocks):
+            events = min(block_events, cfg.events - b * block_events)
+            block = dataclasses.replace(cfg, events=events, users=users_per_block, seed=cfg.seed * 1000 + b)
+            cols = generate(block)
+            cols["user_id"] = cols["user_id"] + b * users_per_block
+            table = pa.table({k: pa.array(v) for k, v in cols.items()})
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=1 << 20)
+            del cols, table
+    finally:
+        if writer is not None:
+            writer.close()
+    tmp.replace(path)
+    return path

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
-from model.modules.gather import per_candidate
 from model.modules.embedding import BehaviourEmbedding
 from model.modules.polarity_gate import TAPFGate
 
@@ -30,6 +31,13 @@ class SequenceCTRModel(nn.Module):
             polarity_embedding=config.uses_polarity_embedding, event_embedding=config.event_embedding,
         )
         self.gate = TAPFGate(d_model=config.d_model, d_polarity=config.d_polarity) if config.uses_tapf else None
+        # History statistics (log counts up to log1p(stats_cap), a rate, log1p(seconds since last event),
+        # up to ~15) divided by their fixed ranges: raw, the seconds term alone would swamp the candidate
+        # embedding wherever both feed one layer (OneTrans's auto-split, the heads). Fixed, not learned
+        # from data, so serving needs no statistics file. Not persistent: it follows from the spec.
+        log_cap, log_month = math.log1p(spec.sequence.stats_cap), math.log1p(30 * 86400)
+        scale = [1 / log_cap, 1 / log_cap, 1.0, 1 / log_month] if spec.n_stats == 4 else [1.0] * spec.n_stats
+        self.register_buffer("stats_scale", torch.tensor(scale), persistent=False)
 
     def forward(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
                 seq_mask: Tensor, user_stats: Tensor, cand_item: Tensor, cand_category: Tensor,
@@ -56,6 +64,10 @@ class SequenceCTRModel(nn.Module):
         """tokens (U, L, d), polarity/mask (U, L), stats (U, S), cand (N, d), cand_user (N,)
         -> logits (N,), attention weights (N, L)."""
         raise NotImplementedError
+
+    def scaled_stats(self, stats: Tensor) -> Tensor:
+        """(U, S) raw history statistics -> (U, S) on comparable ranges (see `stats_scale`)."""
+        return stats * self.stats_scale
 
     def gated(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor | None) -> Tensor:
         """TAPF per candidate: (U, L, d) -> (N, L, d)."""

@@ -7,10 +7,10 @@ from torch import Tensor
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
-from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import TargetAttention
 from model.modules.feedforward import MLP
+from model.modules.gather import per_candidate
 
 
 class DIN(SequenceCTRModel):
@@ -27,5 +27,5 @@ class DIN(SequenceCTRModel):
                                                     per_candidate(mask, cand_user))
         else:
             pooled, weights = self.target_attention(tokens, cand, mask, cand_user)
-        features = torch.cat([pooled, cand, pooled * cand, per_candidate(stats, cand_user)], dim=-1)
+        features = torch.cat([pooled, cand, pooled * cand, per_candidate(self.scaled_stats(stats), cand_user)], dim=-1)
         return self.head(features).squeeze(-1), weights

@@ -8,11 +8,11 @@ from torch import Tensor
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
-from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.models.transformer import SequenceEncoder
 from model.modules.attention import TargetAttention
 from model.modules.feedforward import MLP
+from model.modules.gather import per_candidate
 
 
 class DualStream(SequenceCTRModel):
@@ -33,6 +33,7 @@ class DualStream(SequenceCTRModel):
             p, w = attention(encoder(tokens, stream_mask), cand, stream_mask, cand_user)
             pooled.append(p)
             weights.append(w)
-        features = torch.cat([*pooled, pooled[0] * cand, cand, per_candidate(stats, cand_user)], dim=-1)
+        stats = per_candidate(self.scaled_stats(stats), cand_user)
+        features = torch.cat([*pooled, pooled[0] * cand, cand, stats], dim=-1)
         # Each stream's weights sum to 1 over its own tokens; halve so a row sums to 1 overall.
         return self.head(features).squeeze(-1), 0.5 * (weights[0] + weights[1])

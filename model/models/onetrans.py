@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
-from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import SelfAttentionBlock, masked_softmax, sequence_attention_mask
 from model.modules.feedforward import MLP, RMSNorm
+from model.modules.gather import per_candidate
 
 
 def pyramid_queries(seq_len: int, n_layers: int, final: float) -> list[int]:
@@ -78,6 +78,9 @@ class OneTrans(SequenceCTRModel):
         d, t = config.d_model, config.n_ns_tokens
         self.queries = pyramid_queries(spec.sequence.seq_len, config.n_layers, config.pyramid_final)
         self.auto_split = MLP(d_in=d + spec.n_stats, hidden=(2 * d,), d_out=t * d)  # one MLP -> T NS tokens
+        # The candidate enters the auto-split RMS-normalised: raw item embeddings start tiny (std 0.05), and the
+        # NS tokens would otherwise be the MLP's biases, nearly the same for every candidate.
+        self.cand_norm = RMSNorm(d)
         self.s_blocks = nn.ModuleList(
             SelfAttentionBlock(d_model=d, n_heads=config.n_heads, ffn_mult=config.ffn_mult)
             for _ in range(config.n_layers)
@@ -106,7 +109,8 @@ class OneTrans(SequenceCTRModel):
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
               cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
         n, length = cand.shape[0], tokens.shape[1]
-        ns = self.auto_split(torch.cat([cand, per_candidate(stats, cand_user)], -1)).view(n, -1, cand.shape[1])
+        ns_in = torch.cat([self.cand_norm(cand), per_candidate(self.scaled_stats(stats), cand_user)], -1)  # (N, d+S)
+        ns = self.auto_split(ns_in).view(n, -1, cand.shape[1])  # (N, T, d)
         if self.gate is not None and self.config.tapf_placement == "input":
             # Literal placement: gated input tokens, so the whole stack runs once per candidate.
             s, s_mask, ns = self.encode(self.gated(tokens, polarity, cand, cand_user),

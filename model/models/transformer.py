@@ -7,10 +7,10 @@ from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
-from model.modules.gather import per_candidate
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import SelfAttentionBlock, TargetAttention, sequence_attention_mask
 from model.modules.feedforward import MLP, RMSNorm
+from model.modules.gather import per_candidate
 
 
 class SequenceEncoder(nn.Module):
@@ -52,5 +52,5 @@ class TransformerCTR(SequenceCTRModel):
                                                         per_candidate(mask, cand_user))
             else:
                 pooled, weights = self.target_attention(encoded, cand, mask, cand_user)
-        features = torch.cat([pooled, cand, pooled * cand, per_candidate(stats, cand_user)], dim=-1)
+        features = torch.cat([pooled, cand, pooled * cand, per_candidate(self.scaled_stats(stats), cand_user)], dim=-1)
         return self.head(features).squeeze(-1), weights

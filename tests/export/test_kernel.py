@@ -21,52 +21,75 @@ from export.tapf_onnx import gate_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Runs in a fresh interpreter per ISA: the library picks its ISA once per process.
+# Each ISA runs in a fresh interpreter (the library picks its ISA once per process). The cases and
+# the torch op's outputs are computed here once; the child only needs numpy and ONNX Runtime.
 _SCRIPT = r"""
 import json, sys
-import numpy as np, onnxruntime as ort, torch
-from export.tapf_onnx import gate_model
-from model.modules.polarity_gate import tapf_gate
+import numpy as np, onnxruntime as ort
+from export.custom_kernel import kernel_isa
 
-def case(seed, u, length, n, d, pad):
-    rng = np.random.default_rng(seed)
-    w = {k: (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32) for k in ("w_int", "w_tok", "w_mix")}
-    w["pol_bias"] = (0.3 * rng.standard_normal((3, d))).astype(np.float32)
-    tokens = rng.standard_normal((u, length, d)).astype(np.float32)
-    pol = rng.choice([-1.0, 1.0], size=(u, length)).astype(np.float32)
-    pol[:, :pad] = 0.0
-    tokens[:, :pad] = 0.0
-    cand = rng.standard_normal((n, d)).astype(np.float32)
-    cu = rng.integers(0, u, size=n).astype(np.int64)
-    with torch.no_grad():
-        want = tapf_gate(*(torch.from_numpy(a) for a in (tokens, pol, cand, cu, w["w_int"], w["w_tok"], w["w_mix"],
-                                                          w["pol_bias"]))).numpy()
-    onnx_w = {k: (v.T.copy() if k != "pol_bias" else v) for k, v in w.items()}
-    model = gate_model(onnx_w).SerializeToString()
-    feed = {"tokens": tokens, "polarity": pol, "cand": cand, "cand_user": cu}
-    out = {}
+library, cases_file = sys.argv[1], sys.argv[2]
+data = np.load(cases_file)
+out = {}
+for name in json.loads(str(data["names"])):
+    feed = {k: data[f"{name}/{k}"] for k in ("tokens", "polarity", "cand", "cand_user")}
+    want = data[f"{name}/want"]
+    pad = int(data[f"{name}/pad"])
+    model = data[f"{name}/model"].tobytes()
+    res = {}
     for path in ("kernel", "function"):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
         if path == "kernel":
-            opts.register_custom_ops_library(sys.argv[1])
+            opts.register_custom_ops_library(library)
         got = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"]).run(None, feed)[0]
-        out[path] = float(np.abs(got - want).max()) if want.size else 0.0
-        out[path + "_pad_exact"] = bool(np.array_equal(got[:, :pad], tokens[cu][:, :pad]))
-    return out
-
-cases = {
-    "U=1 N=1 d=16": case(0, 1, 9, 1, 16, 0),
-    "U=3 N=11 d=16 padded": case(1, 3, 10, 11, 16, 4),
-    "U=2 N=5 d=12 (remainder columns)": case(2, 2, 7, 5, 12, 2),
-    "U=1 N=64 d=64": case(3, 1, 20, 64, 64, 5),
-    "U=4 N=300 d=32 (threads)": case(4, 4, 13, 300, 32, 3),
-    "U=2 N=3 d=8 all padding": case(5, 2, 6, 3, 8, 6),
-    "U=2 N=4 d=5 (scalar)": case(6, 2, 5, 4, 5, 1),
-}
-from export.custom_kernel import kernel_isa
-print(json.dumps({"isa": kernel_isa(), "cases": cases}))
+        res[path] = float(np.abs(got - want).max()) if want.size else 0.0
+        res[path + "_pad_exact"] = bool(np.array_equal(got[:, :pad], feed["tokens"][feed["cand_user"]][:, :pad]))
+    out[name] = res
+print(json.dumps({"isa": kernel_isa(), "cases": out}))
 """
+
+# name -> (seed, U, L, N, d, leading padding tokens)
+_CASES = {
+    "U=1 N=1 d=16": (0, 1, 9, 1, 16, 0),
+    "U=3 N=11 d=16 padded": (1, 3, 10, 11, 16, 4),
+    "U=2 N=5 d=12 (remainder columns)": (2, 2, 7, 5, 12, 2),
+    "U=1 N=64 d=64": (3, 1, 20, 64, 64, 5),
+    "U=4 N=300 d=32 (threads)": (4, 4, 13, 300, 32, 3),
+    "U=2 N=3 d=8 all padding": (5, 2, 6, 3, 8, 6),
+    "U=2 N=4 d=5 (scalar)": (6, 2, 5, 4, 5, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random gate inputs, the `tapf::gate` torch op's outputs and the gate-only ONNX models, in one .npz."""
+    import torch
+
+    from model.modules.polarity_gate import tapf_gate
+
+    arrays: dict[str, np.ndarray] = {"names": np.array(json.dumps(list(_CASES)))}
+    for name, (seed, u, length, n, d, pad) in _CASES.items():
+        rng = np.random.default_rng(seed)
+        w = {k: (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32) for k in ("w_int", "w_tok", "w_mix")}
+        w["pol_bias"] = (0.3 * rng.standard_normal((3, d))).astype(np.float32)
+        tokens = rng.standard_normal((u, length, d)).astype(np.float32)
+        pol = rng.choice([-1.0, 1.0], size=(u, length)).astype(np.float32)
+        pol[:, :pad] = 0.0
+        tokens[:, :pad] = 0.0
+        cand = rng.standard_normal((n, d)).astype(np.float32)
+        cu = rng.integers(0, u, size=n).astype(np.int64)
+        with torch.no_grad():
+            want = tapf_gate(*(torch.from_numpy(a) for a in (tokens, pol, cand, cu, w["w_int"], w["w_tok"],
+                                                              w["w_mix"], w["pol_bias"]))).numpy()
+        onnx_w = {k: (v.T.copy() if k != "pol_bias" else v) for k, v in w.items()}  # the node is input-major
+        model = gate_model(onnx_w).SerializeToString()
+        arrays.update({f"{name}/tokens": tokens, f"{name}/polarity": pol, f"{name}/cand": cand,
+                       f"{name}/cand_user": cu, f"{name}/want": want, f"{name}/pad": np.array(pad),
+                       f"{name}/model": np.frombuffer(model, dtype=np.uint8)})
+    path = tmp_path_factory.mktemp("kernel") / "cases.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +120,17 @@ def _available_isas() -> list[str]:
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_kernel_matches_the_torch_op(library: Path, isa: str) -> None:
+def test_kernel_matches_the_torch_op(library: Path, kernel_cases: Path, isa: str) -> None:
     if isa not in _available_isas():
         pytest.skip(f"this CPU has no {isa}")
     env = {**os.environ, "TAPF_ISA": isa,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(library)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(library), str(kernel_cases)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
+    assert set(result["cases"]) == set(_CASES)
     for name, r in result["cases"].items():
         assert r["kernel"] < 1e-5, (name, r)
         assert r["function"] < 1e-5, (name, r)
@@ -146,3 +170,54 @@ def test_kernel_status_reports_the_isa(library: Path) -> None:
     status = kernel_status()
     assert status["fused_kernel"] is True and status["path"] == str(library)
     assert status["isa"] in ("avx512", "avx2", "generic") and kernel_isa() == status["isa"]
+
+
+def _node_only_model(d: int = 8) -> bytes:
+    """A TAPFGate node WITHOUT its function: a session can only be built when the library is registered."""
+    rng = np.random.default_rng(1)
+    w = {k: rng.standard_normal((d, d)).astype(np.float32) for k in ("w_int", "w_tok", "w_mix")}
+    w["pol_bias"] = rng.standard_normal((3, d)).astype(np.float32)
+    model = gate_model(w)
+    del model.functions[:]
+    return model.SerializeToString()
+
+
+def test_kernel_registered_on_cpu_sessions_only(library: Path) -> None:
+    """The CPU-only library must never be registered where CUDA runs the graph (the node would be pinned to
+    the CPU); there the function is inlined into stock CUDA kernels."""
+    from export.custom_kernel import register_kernel
+
+    for providers in (["CUDAExecutionProvider", "CPUExecutionProvider"], ["TensorrtExecutionProvider"]):
+        opts = ort.SessionOptions()
+        assert register_kernel(opts, providers) is False
+        with pytest.raises(Exception, match="TAPFGate"):  # no kernel and no function for the node
+            ort.InferenceSession(_node_only_model(), sess_options=opts, providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    assert register_kernel(opts, ["CPUExecutionProvider"]) is True
+    session = ort.InferenceSession(_node_only_model(), sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {"tokens": np.ones((1, 3, 8), np.float32), "polarity": np.ones((1, 3), np.float32),
+            "cand": np.ones((2, 8), np.float32), "cand_user": np.zeros(2, dtype=np.int64)}
+    assert session.run(None, feed)[0].shape == (2, 3, 8)
+
+
+def test_kernel_can_be_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from export.custom_kernel import ENV_LIBRARY, register_kernel
+
+    monkeypatch.setenv(ENV_LIBRARY, "off")
+    assert kernel_library_path() is None
+    status = kernel_status()
+    assert status["fused_kernel"] is False and status["fallback"] == "onnx-function" and ENV_LIBRARY in status["reason"]
+    assert register_kernel(ort.SessionOptions(), ["CPUExecutionProvider"]) is False
+
+
+def test_fallback_is_reported_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Without the library every session falls back to the function, and the log says so once per process."""
+    import export.custom_kernel as ck
+
+    monkeypatch.setattr(ck, "_reported", set())
+    monkeypatch.setenv(ck.ENV_LIBRARY, "off")
+    with caplog.at_level("WARNING", logger=ck.__name__):
+        for _ in range(3):
+            assert ck.register_kernel(ort.SessionOptions(), ["CPUExecutionProvider"]) is False
+    messages = [r.getMessage() for r in caplog.records if r.name == ck.__name__]
+    assert len(messages) == 1 and "ONNX function fallback" in messages[0]

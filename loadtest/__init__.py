@@ -1,0 +1,1 @@
+"""Replay evaluation, open-loop load testing and serving benchmarks for the Polarity service."""

@@ -1,0 +1,80 @@
+"""`python -m loadtest.bench_server`: the real service with a chosen inference backend, for benchmarks.
+
+Backends (the same model each time):
+- `onnx`: the bundle in ONNX Runtime, the service's default (set POLARITY_TAPF_KERNEL=off in the
+  environment to run the TAPF function fallback instead of the fused kernel);
+- `per-candidate`: the same ONNX graph fed one copied sequence per candidate (U = N,
+  cand_user = arange) — what a naive per-candidate export computes (`export.benchmarks._per_candidate`);
+- `torch`: the run's checkpoint in torch eager (`loadtest.torch_backend`).
+
+A separate process, so the load generator's CPU and GIL never share the server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.bundle import Manifest
+from model.batch import INPUT_NAMES
+
+
+class PerCandidateBackend:
+    """The bundle's ONNX session, but every candidate gets its own copy of its user's sequence."""
+
+    def __init__(self, manifest: Manifest, settings: Any) -> None:
+        from service.inference import OnnxBackend
+
+        self.inner = OnnxBackend(manifest, device="cpu", intra_op_threads=settings.inference_threads)
+        self.provider = self.inner.provider
+        self.kernel = f"{self.inner.kernel}+per-candidate"
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cu = inputs["cand_user"]
+        feed = {k: (inputs[k][cu] if k.startswith("seq_") or k == "user_stats" else inputs[k]) for k in INPUT_NAMES}
+        feed["cand_user"] = np.arange(len(cu), dtype=np.int64)
+        return self.inner.run(feed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_server")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--key-prefix", default="bench")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--threads", type=int, default=2, help="inference intra-op threads")
+    p.add_argument("--workers", type=int, default=1,
+                   help="concurrent inferences (1: each one gets every intra-op thread; more oversubscribes 2 cores)")
+    p.add_argument("--backend", choices=("onnx", "per-candidate", "torch"), default="onnx")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoint for --backend torch")
+    args = p.parse_args(argv)
+
+    factory: Any = None
+    if args.backend == "per-candidate":
+        factory = PerCandidateBackend
+    elif args.backend == "torch":
+        if args.run_dir is None:
+            p.error("--backend torch needs --run-dir")
+        from loadtest.torch_backend import torch_backend_factory
+
+        factory = torch_backend_factory(args.run_dir, threads=args.threads)
+    # Benchmarks measure scoring with history: give Redis a generous budget instead of degrading.
+    settings = Settings(bundle=args.bundle, redis_url=args.redis_url, key_prefix=args.key_prefix, port=args.port,
+                        inference_threads=args.threads, inference_workers=args.workers, score_redis_budget_ms=2000,
+                        redis_timeout_ms=2000, log_level="warning")
+    uvicorn.run(create_app(settings, backend_factory=factory), host="127.0.0.1", port=args.port,
+                log_level="warning", access_log=False, lifespan="on")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

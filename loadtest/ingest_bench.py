@@ -1,0 +1,169 @@
+"""Ingest throughput, three ways in one run, all doing the same Redis work per event:
+
+- HTTP: `POST /v1/events` batches to a running service (concurrent clients, bodies pre-serialised);
+- stream: entries XADDed to a Redis stream beforehand, then drained by the service's consumer
+  (`service.ingest.run_ingester`, the `polarity ingest` loop) — timed from start to empty group;
+- raw: a redis-py pipeline running the history store's own append script (`_APPEND_LUA`, one
+  EVALSHA per user per batch, the same keys and arguments), no service code in between.
+
+Every path writes the same events (with event ids, so the dedupe set is maintained too) under its
+own key prefix, and the stored history lengths are counted afterwards to prove the writes happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any
+
+import httpx
+import numpy as np
+
+EVENT_NAMES = ("click", "like", "skip", "dislike")
+
+
+def make_events(n: int, *, users: int, items: int = 20_000, seed: int = 0, t0: float = 1.7e9) -> list[dict[str, Any]]:
+    """n /v1/events objects over `users` users, increasing timestamps, unique event ids."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, users, size=n)
+    item = rng.integers(0, items, size=n)
+    name = rng.integers(0, len(EVENT_NAMES), size=n)
+    run = uuid.uuid4().hex[:8]
+    return [{"event_id": f"{run}-{k}", "user_id": f"ing-{int(u)}", "item_id": str(int(i)), "timestamp": t0 + k * 1e-3,
+             "event": EVENT_NAMES[int(e)], "category": None}
+            for k, (u, i, e) in enumerate(zip(user.tolist(), item.tolist(), name.tolist(), strict=True))]
+
+
+async def http_ingest(url: str, events: list[dict[str, Any]], *, batch: int = 500, concurrency: int = 4,
+                      api_key: str | None = None) -> dict[str, Any]:
+    bodies = [json.dumps({"events": events[lo : lo + batch]}).encode() for lo in range(0, len(events), batch)]
+    headers = {"content-type": "application/json", **({"x-api-key": api_key} if api_key else {})}
+    accepted = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60.0) as client:
+        queue = list(reversed(bodies))
+
+        async def worker() -> None:
+            nonlocal accepted
+            while queue:
+                r = await client.post("/v1/events", content=queue.pop())
+                r.raise_for_status()
+                accepted += int(r.json()["accepted"])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return {"events": len(events), "accepted": accepted, "seconds": elapsed, "events_per_s": len(events) / elapsed,
+            "batch": batch, "concurrency": concurrency}
+
+
+async def stream_ingest(redis_url: str, key_prefix: str, events: list[dict[str, Any]], *, batch: int = 500
+                        ) -> dict[str, Any]:
+    """Fill a stream (not timed as ingest), then time the consumer draining it."""
+    from redis.asyncio import Redis
+
+    from service.ingest import run_ingester
+    from service.settings import Settings
+
+    stream, group = f"{key_prefix}:stream", "bench"
+    client = Redis.from_url(redis_url)
+    try:
+        t0 = time.perf_counter()
+        for lo in range(0, len(events), 1000):
+            pipe = client.pipeline(transaction=False)
+            for ev in events[lo : lo + 1000]:
+                pipe.xadd(stream, {k: str(v) for k, v in ev.items() if v is not None})
+            await pipe.execute()
+        produce_s = time.perf_counter() - t0
+        settings = Settings(redis_url=redis_url, key_prefix=key_prefix, redis_timeout_ms=5000)
+        t1 = time.perf_counter()
+        applied = await run_ingester(settings, stream=stream, group=group, consumer="bench-0", batch_size=batch,
+                                     block_ms=50, until_idle=True, stop=asyncio.Event())
+        elapsed = time.perf_counter() - t1
+        await client.delete(stream)
+    finally:
+        await client.aclose()
+    return {"events": len(events), "accepted": applied, "seconds": elapsed, "events_per_s": len(events) / elapsed,
+            "batch": batch, "xadd_events_per_s": len(events) / produce_s}
+
+
+def raw_pipeline(redis_url: str, key_prefix: str, events: list[dict[str, Any]], *, batch: int = 500,
+                 cap: int = 512, ttl_s: int = 30 * 86400, dedupe_ttl_s: int = 86400) -> dict[str, Any]:
+    """The store's append script through a plain redis-py pipeline: the floor under the service's write path."""
+    import redis
+
+    from service.history_store import _APPEND_LUA, HistoryEvent, HistoryStore, _payload
+
+    client = redis.Redis.from_url(redis_url)
+    layout = HistoryStore(redis=client, key_prefix=key_prefix)  # type: ignore[arg-type]  # key layout only
+    polarity = {"click": 1, "like": 1, "skip": -1, "dislike": -1}
+    try:
+        sha = client.script_load(_APPEND_LUA)
+        t0 = time.perf_counter()
+        for lo in range(0, len(events), batch):
+            by_user: dict[str, list[str]] = {}
+            for ev in events[lo : lo + batch]:
+                h = HistoryEvent(user_id=ev["user_id"], item_id=ev["item_id"], timestamp=ev["timestamp"],
+                                 event=ev["event"], polarity=polarity[ev["event"]], category=ev["category"],
+                                 event_id=ev["event_id"])
+                args = by_user.setdefault(h.user_id, [str(cap), str(ttl_s), str(dedupe_ttl_s)])
+                args += ["=" + str(h.event_id), "p" if h.polarity > 0 else "n", repr(float(h.timestamp)), _payload(h)]
+            pipe = client.pipeline(transaction=False)
+            for user, args in by_user.items():
+                k = layout.keys(user)
+                pipe.evalsha(sha, 4, k["pos"], k["neg"], k["seq"], k["dedupe"], *args)
+            pipe.execute()
+        elapsed = time.perf_counter() - t0
+    finally:
+        client.close()
+    return {"events": len(events), "accepted": len(events), "seconds": elapsed, "events_per_s": len(events) / elapsed,
+            "batch": batch}
+
+
+def stored_events(redis_url: str, key_prefix: str, users: list[str]) -> int:
+    """Sum of both history lengths of `users` under `key_prefix` (proves a path really wrote)."""
+    import redis
+
+    from service.history_store import HistoryStore
+
+    client = redis.Redis.from_url(redis_url)
+    layout = HistoryStore(redis=client, key_prefix=key_prefix)  # type: ignore[arg-type]
+    try:
+        pipe = client.pipeline(transaction=False)
+        for user in users:
+            k = layout.keys(user)
+            pipe.zcard(k["pos"])
+            pipe.zcard(k["neg"])
+        return int(sum(pipe.execute()))
+    finally:
+        client.close()
+
+
+def run_ingest_bench(*, url: str, redis_url: str, n_events: int = 100_000, users: int = 2000, batch: int = 500,
+                     concurrency: int = 4, service_key_prefix: str) -> dict[str, Any]:
+    """All three paths on the same number of events. `service_key_prefix` is the running service's prefix."""
+    from loadtest.replay import delete_prefix
+
+    results: dict[str, Any] = {}
+    user_ids = [f"ing-{u}" for u in range(users)]
+    prefixes = {"http": service_key_prefix, "stream": f"bench-stream-{uuid.uuid4().hex[:6]}",
+                "raw": f"bench-raw-{uuid.uuid4().hex[:6]}"}
+    for seed, (name, prefix) in enumerate(prefixes.items()):
+        events = make_events(n_events, users=users, seed=seed)
+        before = stored_events(redis_url, prefix, user_ids)
+        if name == "http":
+            res = asyncio.run(http_ingest(url, events, batch=batch, concurrency=concurrency))
+        elif name == "stream":
+            res = asyncio.run(stream_ingest(redis_url, prefix, events, batch=batch))
+        else:
+            res = raw_pipeline(redis_url, prefix, events, batch=batch)
+        res["stored"] = stored_events(redis_url, prefix, user_ids) - before
+        results[name] = res
+        if name != "http":
+            delete_prefix(redis_url, prefix)
+    raw = results["raw"]["events_per_s"]
+    for name in ("http", "stream"):
+        results[name]["share_of_raw"] = results[name]["events_per_s"] / raw
+    return results

@@ -1,0 +1,55 @@
+"""Run an ASGI app on a real loopback socket in a background thread (uvicorn). Torch-free.
+
+Used by `polarity replay --bundle` (the service in-process, real HTTP), by tests that need a live
+service, and by the benchmarks. The socket is bound before the server starts (port 0 = a free
+port chosen by the kernel), so there is no race for the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 60.0,
+                    log_level: str = "warning") -> Iterator[str]:
+    """Serve `app` until the block ends; yields its base URL (http://host:port)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, host=host, port=bound_port, log_level=log_level, lifespan="on",
+                            access_log=False)
+    server = uvicorn.Server(config)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # surfaced to the caller below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="polarity-live-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            thread.join(timeout=5)
+            sock.close()
+            why = f": {failure[0]!r}" if failure else " (see the log above)"
+            raise RuntimeError(f"the service did not start on {host}:{bound_port}{why}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{bound_port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

@@ -1,0 +1,127 @@
+"""The FastAPI application factory: `create_app(settings)`; the lifespan opens Redis and the model.
+
+No app is built at import time. Redis being down at startup does not stop the service (scoring
+degrades, /readyz says not ready); a bundle that cannot be served does (StartupError).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from export.bundle import Manifest
+from export.custom_kernel import kernel_status
+from service.errors import StartupError, install_error_handlers
+from service.event_mapping import EventMapping
+from service.event_writer import EventWriter
+from service.history_store import HistoryStore, create_redis
+from service.inference import InferenceBackend, onnx_backend_factory
+from service.metrics import ServiceMetrics
+from service.middleware import BodyLimitMiddleware, ErrorBoundaryMiddleware, MetricsMiddleware
+from service.model_slot import ModelSlot
+from service.routers import events, health, metrics, model, score
+from service.runtime import Runtime
+from service.scoring import MicroBatcher, Scorer
+from service.settings import Settings
+
+log = logging.getLogger("polarity.service")
+
+API_DESCRIPTION = """Skip-aware CTR scoring. Histories of positive (click, like) and negative (skip, dislike)
+events live in Redis; each score request assembles the user's mixed-polarity sequence with the
+trainer's own builder and runs the exported model in ONNX Runtime."""
+
+
+def open_store(settings: Settings) -> HistoryStore:
+    """The Redis client and history store the settings describe (the ingester uses it too)."""
+    redis = create_redis(
+        settings.redis_url,
+        connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
+        op_timeout_s=settings.redis_timeout_ms / 1000.0,
+        max_connections=settings.redis_max_connections,
+        retries=settings.redis_retries,
+    )
+    return HistoryStore(redis=redis, cap=settings.history_cap, ttl_s=settings.history_ttl_s,
+                        dedupe_ttl_s=settings.dedupe_ttl_s, key_prefix=settings.key_prefix)
+
+
+def start_metrics_server(settings: Settings, metrics: ServiceMetrics) -> Any:
+    """/metrics on its own port (settings.metrics_port); returns the server to shut down."""
+    from prometheus_client import start_http_server
+
+    assert settings.metrics_port is not None
+    server, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
+    return server
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backend_factory: Callable[[Manifest, Settings], InferenceBackend] | None = None,
+) -> FastAPI:
+    """A new app for `settings`; `backend_factory` replaces the ONNX Runtime backend (benchmarks)."""
+    factory = backend_factory or onnx_backend_factory
+    service_metrics = ServiceMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.bundle is None:
+            raise StartupError("no model bundle: pass --bundle DIR or set POLARITY_BUNDLE")
+        workers = settings.inference_workers or (os.cpu_count() or 1)
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="polarity-inference")
+        store = open_store(settings)
+        metrics_server = None
+        try:
+            slot = ModelSlot(settings=settings, backend_factory=factory)
+            loaded = await slot.load_initial(settings.bundle)
+            b = loaded.backend
+            service_metrics.set_model(name=loaded.manifest.name, version=loaded.version, arch=loaded.manifest.arch,
+                                      provider=b.provider, kernel=b.kernel, requested=settings.device)
+            batcher = None
+            if settings.microbatch_max_wait_us > 0:
+                batcher = MicroBatcher(max_wait_s=settings.microbatch_max_wait_us / 1e6,
+                                       max_candidates=settings.microbatch_max_candidates, executor=executor,
+                                       metrics=service_metrics)
+            scorer = Scorer(settings=settings, store=store, slot=slot, metrics=service_metrics, executor=executor,
+                            batcher=batcher)
+            writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity),
+                                 metrics=service_metrics)
+            if settings.metrics_port is not None:
+                metrics_server = start_metrics_server(settings, service_metrics)
+            app.state.runtime = Runtime(settings=settings, metrics=service_metrics, redis=store.redis, store=store,
+                                        slot=slot, scorer=scorer, writer=writer, executor=executor,
+                                        backend_factory=factory)
+            ks = kernel_status()
+            log.info("serving %s %s (%s) on %s, kernel %s%s; redis %s", loaded.manifest.name, loaded.version,
+                     loaded.manifest.arch, b.provider, b.kernel, f" ({ks['path']})" if ks["path"] else "",
+                     "reachable" if await store.ping() else "UNREACHABLE (scoring degrades until it answers)")
+            yield
+        finally:
+            app.state.runtime = None
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            executor.shutdown(wait=True)
+            await store.redis.aclose()
+
+    app = FastAPI(title="Polarity scoring service", version="1", description=API_DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = service_metrics
+    app.state.runtime = None
+    install_error_handlers(app)
+    routers = [score.router, events.router, health.router, model.router]
+    if settings.metrics_port is None:
+        routers.append(metrics.router)
+    for router in routers:
+        app.include_router(router)
+    known = frozenset(str(p) for r in routers for p in (getattr(route, "path", None) for route in r.routes) if p)
+    # The last added is the outermost: metrics see every answer, the boundary's 500s and the
+    # body limit's 413s included.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ErrorBoundaryMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_paths=known)
+    return app

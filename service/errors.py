@@ -1,0 +1,135 @@
+"""Domain errors and the one error boundary that turns them into HTTP answers.
+
+Every error answer has the body `{"error": <code>, "message": <text>}` (plus `fields` for
+validation errors: `[{"field": "body.candidates.3.item_id", "reason": ...}]`). Unknown exceptions
+become 500 and are logged by type and traceback only: no request content, ids or keys in logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("polarity.service")
+
+
+class ServiceError(Exception):
+    """An error with a fixed HTTP status and a message safe to show the caller."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BodyTooLarge(ServiceError):
+    status = 413
+    code = "body_too_large"
+
+
+class TooManyCandidates(ServiceError):
+    status = 413
+    code = "too_many_candidates"
+
+
+class TooManyEvents(ServiceError):
+    status = 413
+    code = "too_many_events"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="polarity"'})
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
+class StoreUnavailable(ServiceError):
+    """Redis cannot take a write now; nothing of the request was reported as accepted."""
+
+    status = 503
+    code = "redis_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+class BundleRejected(ServiceError):
+    """A bundle the service refuses to load (bad sha256, wrong feature spec, cannot be opened)."""
+
+    status = 422
+    code = "bundle_rejected"
+
+
+class StartupError(RuntimeError):
+    """The service cannot start (e.g. device=cuda requested without a CUDA provider)."""
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": code, "message": message, **extra}
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def validation_fields(exc: RequestValidationError) -> list[dict[str, str]]:
+    """[{field, reason}] from pydantic errors; the offending input is never echoed back."""
+    return [{"field": _field(e.get("loc", ())), "reason": str(e.get("msg", "invalid"))} for e in exc.errors()]
+
+
+def log_unexpected(exc: BaseException, *, method: str, path: str) -> None:
+    """Type and frames only: the exception text may quote user ids, keys or history content."""
+    frames = " <- ".join(f"{f.filename}:{f.lineno} in {f.name}"
+                         for f in reversed(traceback.extract_tb(exc.__traceback__)))
+    log.error("unhandled %s on %s %s at %s", type(exc).__name__, method, path, frames)
+
+
+INTERNAL_ERROR = error_body("internal", "internal error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Domain errors, validation errors and HTTP errors; anything else is answered by
+    `service.middleware.ErrorBoundaryMiddleware` (500, logged by `log_unexpected`), which unlike
+    Starlette's server-error handler does not re-raise into the server's log with the message."""
+
+    async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        fields = validation_fields(exc)
+        first = fields[0] if fields else {"field": "body", "reason": "invalid"}
+        message = f"{first['field']}: {first['reason']}" + (f" (and {len(fields) - 1} more)" if len(fields) > 1 else "")
+        return JSONResponse(error_body("validation_error", message, fields=fields), status_code=422)
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=dict(exc.headers or {}))
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)

@@ -1,0 +1,60 @@
+"""Incoming event rows -> `HistoryEvent`s: event type -> polarity from settings, `label` as the alternative.
+
+Rules (the offline log reader's, so online histories match training):
+- `label` given: polarity = +1 for 1, -1 for 0 (the label wins, as offline); the event name is kept
+  as the token's event type, or `positive` / `negative` when there is none;
+- only `event` given: its polarity from the configured mapping (names compared after
+  `strip().lower()`); an unknown name rejects the row with a reason;
+- neither: the row is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from service.assembly import normalise_event_name
+from service.history_store import HistoryEvent
+from service.schemas import EventIn
+
+LABEL_EVENT = {1: "positive", -1: "negative"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MappedEvent:
+    """One input row: the event to write, or why it is rejected. `metric_event` is a bounded label value."""
+
+    event: HistoryEvent | None
+    reason: str | None
+    metric_event: str
+
+
+class EventMapping:
+    def __init__(self, *, polarity: Mapping[str, int]) -> None:
+        self.polarity = {normalise_event_name(k): int(v) for k, v in polarity.items()}
+        self._known = ", ".join(sorted(self.polarity))
+
+    def map(self, row: EventIn, *, default_event_id: str | None = None) -> MappedEvent:
+        name = normalise_event_name(row.event) if row.event is not None else ""
+        metric_event = name if name in self.polarity else ("label" if row.label is not None else "unknown")
+        if row.label is not None:
+            sign = 1 if row.label == 1 else -1
+            event = name or LABEL_EVENT[sign]
+        elif not name:
+            return MappedEvent(event=None, reason="needs `event` or `label`", metric_event="unknown")
+        elif name not in self.polarity:
+            return MappedEvent(
+                event=None, metric_event="unknown",
+                reason=f"unknown event type {row.event!r}; known: {self._known} (or send `label`: 0/1)",
+            )
+        else:
+            sign = self.polarity[name]
+            event = name
+        return MappedEvent(
+            event=HistoryEvent(
+                user_id=row.user_id, item_id=row.item_id, timestamp=row.timestamp, event=event, polarity=sign,
+                category=row.category, event_id=row.event_id if row.event_id is not None else default_event_id,
+            ),
+            reason=None,
+            metric_event=metric_event,
+        )

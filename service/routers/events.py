@@ -1,0 +1,35 @@
+"""POST /v1/events: append behaviour events to users' histories (idempotent on event_id)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from service.errors import StoreUnavailable, TooManyEvents
+from service.history_store import HistoryStoreUnavailable
+from service.runtime import Runtime, get_runtime
+from service.schemas import ErrorResponse, EventsRequest, EventsResponse
+from service.security import require_api_key
+
+router = APIRouter(tags=["events"])
+
+
+@router.post(
+    "/v1/events",
+    response_model=EventsResponse,
+    dependencies=[Depends(require_api_key)],
+    responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+               503: {"model": ErrorResponse, "description": "Redis unavailable; nothing was written; see Retry-After"}},
+    summary="Append events to user histories",
+)
+async def post_events(body: EventsRequest, runtime: Runtime = Depends(get_runtime)) -> EventsResponse:  # noqa: B008
+    """Each row is accepted, a duplicate (its event_id was seen before) or rejected with a reason.
+    A late event lands at its timestamp position."""
+    limit = runtime.settings.max_events
+    if len(body.events) > limit:
+        raise TooManyEvents(f"{len(body.events)} events in one request; the limit is {limit} "
+                            "(POLARITY_MAX_EVENTS): split the batch")
+    try:
+        return await runtime.writer.write(body.events, source="http")
+    except HistoryStoreUnavailable:
+        raise StoreUnavailable("the history store (Redis) is unavailable; nothing was written, retry later",
+                               retry_after_s=runtime.settings.retry_after_s) from None

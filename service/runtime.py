@@ -1,0 +1,45 @@
+"""What a running app holds (one per `create_app` lifespan), reached from routes via `request.app.state`."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from fastapi import Request
+from redis.asyncio import Redis
+
+from service.errors import NotReady
+from service.event_writer import EventWriter
+from service.history_store import HistoryStore
+from service.metrics import ServiceMetrics
+from service.model_slot import BackendFactory, ModelSlot
+from service.scoring import Scorer
+from service.settings import Settings
+
+
+@dataclass(kw_only=True)
+class Runtime:
+    settings: Settings
+    metrics: ServiceMetrics
+    redis: Redis
+    store: HistoryStore
+    slot: ModelSlot
+    scorer: Scorer
+    writer: EventWriter
+    executor: ThreadPoolExecutor
+    backend_factory: BackendFactory
+
+
+def get_runtime(request: Request) -> Runtime:
+    """FastAPI dependency: the app's runtime (503 while the lifespan has not started it)."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        raise NotReady("the service is starting or stopping")
+    assert isinstance(runtime, Runtime)
+    return runtime
+
+
+def get_settings(request: Request) -> Settings:
+    settings = request.app.state.settings
+    assert isinstance(settings, Settings)
+    return settings

@@ -1,0 +1,119 @@
+"""Request and response bodies of the HTTP API (pydantic, shown in the OpenAPI document).
+
+Strict where it matters: unknown fields are rejected, ids are non-empty and bounded, timestamps
+are finite numbers. Batch sizes (candidates, events) are checked by the routes against settings,
+so that an oversized batch gets 413 with a message rather than a generic 422.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID_CHARS = 256
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+# Strict: a JSON number (not a string, not a bool), finite.
+Timestamp = Annotated[float, Field(allow_inf_nan=False, strict=True, description="seconds (e.g. Unix time), finite")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Candidate(_Strict):
+    item_id: Id
+    category: Id | None = Field(default=None, description="default: the item's category at training time")
+
+
+class ScoreRequest(_Strict):
+    user_id: Id
+    candidates: list[Candidate] = Field(min_length=1, description="scored in this order (max: settings)")
+    context: dict[str, Any] | None = Field(default=None, description="request context (not used by current models)")
+    explain: bool = Field(default=False, description="add per-candidate explanations")
+    request_time: Timestamp | None = Field(
+        default=None, description="sequence cut-off: only events strictly before it count (default: now)"
+    )
+
+
+class HistoryCounts(BaseModel):
+    positives: int = Field(description="positive events before the cut-off")
+    negatives: int = Field(description="negative events before the cut-off")
+
+
+class HistoryToken(BaseModel):
+    item_id: str | None = Field(description="training-vocabulary item id; null for an item the model never saw")
+    polarity: Literal["positive", "negative"]
+    event: str
+    timestamp: float
+    weight: float | None = Field(description="attention weight of the candidate on this token; null without attention")
+
+
+class Explanation(BaseModel):
+    item_id: str
+    method: Literal["attention", "recency"]
+    positive_share: float | None = Field(description="attention share on positive history tokens")
+    negative_share: float | None = Field(description="attention share on negative history tokens")
+    top_history: list[HistoryToken]
+    note: str | None = None
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="click probability per candidate, in request order")
+    model_version: str
+    history: HistoryCounts
+    degraded: bool = Field(description="true when the history could not be read and scoring used none")
+    degraded_reason: str | None = None
+    explanations: list[Explanation] | None = None
+
+
+class EventIn(_Strict):
+    event_id: Id | None = Field(default=None, description="idempotency key: a repeated id is a duplicate")
+    user_id: Id
+    item_id: Id
+    timestamp: Timestamp
+    event: Id | None = Field(default=None, description="click | like | skip | dislike | ... (see settings)")
+    label: Literal[0, 1] | None = Field(default=None, description="1 positive, 0 negative; wins over `event`")
+    category: Id | None = None
+
+
+class EventsRequest(_Strict):
+    events: list[EventIn] = Field(min_length=1)
+
+
+EventStatus = Literal["accepted", "duplicate", "rejected"]
+
+
+class EventResult(BaseModel):
+    index: int
+    status: EventStatus
+    reason: str | None = None
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    results: list[EventResult]
+
+
+class ReloadRequest(_Strict):
+    bundle: str = Field(min_length=1, description="bundle directory, under settings.model_dir")
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str
+    name: str
+
+
+class ErrorField(BaseModel):
+    field: str
+    reason: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+    fields: list[ErrorField] | None = None

@@ -1,0 +1,243 @@
+"""The score path: one Redis read (time-boxed) -> the trainer's sequence builder -> inference off the loop.
+
+Redis trouble never fails a score request: past `score_redis_budget_ms`, or when Redis is down, the
+user is scored with an empty history (cold start) and the answer says `degraded: true`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.batch import INPUT_NAMES, InputArrays, inputs_from_sequences
+from model.feature_spec import FIRST_ID_INDEX
+from model.sequence import SequenceBatch
+from service.assembly import assemble_sequences
+from service.errors import TooManyCandidates
+from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable, UserHistory
+from service.metrics import ServiceMetrics
+from service.model_slot import LoadedModel, ModelSlot
+from service.schemas import Explanation, HistoryCounts, HistoryToken, ScoreRequest, ScoreResponse
+from service.settings import Settings
+
+log = logging.getLogger("polarity.service")
+
+RECENCY_NOTE = "the model bundle has no attention output; top_history lists the most recent history tokens"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scored:
+    probs: np.ndarray  # (N,) float32
+    attention: np.ndarray | None  # (N, L) float32
+
+
+class Scorer:
+    def __init__(self, *, settings: Settings, store: HistoryStore, slot: ModelSlot, metrics: ServiceMetrics,
+                 executor: Executor, batcher: MicroBatcher | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.slot = slot
+        self.metrics = metrics
+        self.executor = executor
+        self.batcher = batcher
+        self.budget_s = settings.score_redis_budget_ms / 1000.0
+
+    async def read_history(self, user_id: str) -> tuple[UserHistory, str | None]:
+        """The user's history, or (empty, reason) when Redis fails or is too slow."""
+        t0 = time.perf_counter()
+        reason: str | None = None
+        try:
+            history = (await asyncio.wait_for(self.store.read_many([user_id]), timeout=self.budget_s))[0]
+        except TimeoutError:
+            reason = "redis_timeout"
+        except HistoryStoreUnavailable:
+            reason = "redis_unavailable"
+        except HistoryStoreError:
+            reason = "redis_error"
+        elapsed = time.perf_counter() - t0
+        self.metrics.redis_duration.labels(operation="read").observe(elapsed)
+        self.metrics.stage_duration.labels(stage="redis_read").observe(elapsed)
+        if reason is not None:
+            self.metrics.redis_errors.labels(operation="read").inc()
+            self.metrics.degraded.labels(reason=reason).inc()
+            return UserHistory.empty(), reason
+        return history, None
+
+    async def infer(self, model: LoadedModel, inputs: InputArrays) -> Scored:
+        if self.batcher is not None:
+            return await self.batcher.run(model, inputs)
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self.executor, model.backend.run, inputs.as_dict())
+        return Scored(probs=out["probs"], attention=out.get("attention"))
+
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        """The answer as a model (the route sends `score_json` bytes directly)."""
+        return ScoreResponse.model_validate_json(await self.score_json(req))
+
+    async def score_json(self, req: ScoreRequest) -> bytes:
+        """The JSON answer to one score request (stages timed into polarity_stage_duration_seconds)."""
+        n = len(req.candidates)
+        if n > self.settings.max_candidates:
+            raise TooManyCandidates(f"{n} candidates in one request; the limit is {self.settings.max_candidates} "
+                                    "(POLARITY_MAX_CANDIDATES): split the request")
+        self.metrics.candidates.observe(n)
+        cutoff = req.request_time if req.request_time is not None else time.time()
+        history, reason = await self.read_history(req.user_id)
+        model = self.slot.current  # this request uses this model to the end, even across a reload
+
+        t0 = time.perf_counter()
+        seqs = assemble_sequences([history], cutoff=[cutoff], vocab=model.vocab, spec=model.spec)  # U = 1
+        cand_item = model.vocab.item_index(c.item_id for c in req.candidates)  # (N,) unknown -> OOV
+        cand_category = model.vocab.candidate_category(cand_item, [c.category for c in req.candidates])
+        inputs = inputs_from_sequences(seqs, cand_item=cand_item, cand_category=cand_category,
+                                       cand_user=np.zeros(n, dtype=np.int64))
+        t1 = time.perf_counter()
+        self.metrics.stage_duration.labels(stage="sequence_build").observe(t1 - t0)
+
+        scored = await self.infer(model, inputs)
+        t2 = time.perf_counter()
+        self.metrics.stage_duration.labels(stage="inference").observe(t2 - t1)
+
+        n_pos = int(np.count_nonzero(history.positives.timestamps < cutoff))
+        n_neg = int(np.count_nonzero(history.negatives.timestamps < cutoff))
+        self.metrics.history_length.labels(polarity="positive").observe(n_pos)
+        self.metrics.history_length.labels(polarity="negative").observe(n_neg)
+        explanations = None
+        if req.explain:
+            explanations = explain(model, seqs, [c.item_id for c in req.candidates], scored.attention,
+                                   top_k=self.settings.explain_top_k)
+        body = ScoreResponse(
+            scores=scored.probs.astype(np.float64).tolist(), model_version=model.version,
+            history=HistoryCounts(positives=n_pos, negatives=n_neg), degraded=reason is not None,
+            degraded_reason=reason, explanations=explanations,
+        ).model_dump_json().encode()
+        self.metrics.stage_duration.labels(stage="serialize").observe(time.perf_counter() - t2)
+        return body
+
+
+def _token(model: LoadedModel, seqs: SequenceBatch, j: int, weight: float | None) -> HistoryToken:
+    idx = int(seqs.item[0, j])
+    vocab = model.vocab
+    return HistoryToken(
+        item_id=vocab.items[idx - FIRST_ID_INDEX] if idx >= FIRST_ID_INDEX else None,
+        polarity="positive" if seqs.polarity[0, j] > 0 else "negative",
+        event=vocab.event_types[int(seqs.event[0, j])],
+        timestamp=float(seqs.timestamp[0, j]),
+        weight=weight,
+    )
+
+
+def explain(model: LoadedModel, seqs: SequenceBatch, item_ids: Sequence[str], attention: np.ndarray | None, *,
+            top_k: int) -> list[Explanation]:
+    """Per candidate: attention share on positive vs negative history tokens and the top tokens.
+
+    seqs: the request's one sequence (1, L); attention: (N, L) or None (then: most recent tokens)."""
+    mask = seqs.mask[0]  # (L,)
+    real = np.flatnonzero(mask)
+    if attention is None:
+        recent = [_token(model, seqs, int(j), None) for j in real[::-1][:top_k]]
+        return [Explanation(item_id=item, method="recency", positive_share=None, negative_share=None,
+                            top_history=recent, note=RECENCY_NOTE) for item in item_ids]
+    pos = (seqs.polarity[0] > 0) & mask
+    neg = (seqs.polarity[0] < 0) & mask
+    out = []
+    for n, item in enumerate(item_ids):
+        att = np.asarray(attention[n], dtype=np.float64)  # (L,)
+        total = float(att[mask].sum())
+        if real.size == 0 or total <= 0.0:
+            out.append(Explanation(item_id=item, method="attention", positive_share=None, negative_share=None,
+                                   top_history=[], note="no history before the cut-off"))
+            continue
+        order = real[np.argsort(-att[real], kind="stable")][:top_k]
+        out.append(Explanation(
+            item_id=item, method="attention",
+            positive_share=float(att[pos].sum() / total), negative_share=float(att[neg].sum() / total),
+            top_history=[_token(model, seqs, int(j), float(att[j] / total)) for j in order],
+        ))
+    return out
+
+
+@dataclass
+class _Job:
+    model: LoadedModel
+    inputs: InputArrays
+    future: asyncio.Future[Scored]
+
+
+@dataclass
+class MicroBatcher:
+    """Gathers concurrent score requests (each U=1) into one inference call with U>1.
+
+    A batch runs when it holds `max_candidates` candidates or its first request waited `max_wait_s`.
+    Requests on different models (during a reload) never share a batch."""
+
+    max_wait_s: float
+    max_candidates: int
+    executor: Executor
+    metrics: ServiceMetrics
+    _jobs: list[_Job] = field(default_factory=list)
+    _n: int = 0
+    _timer: asyncio.TimerHandle | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def run(self, model: LoadedModel, inputs: InputArrays) -> Scored:
+        loop = asyncio.get_running_loop()
+        job = _Job(model=model, inputs=inputs, future=loop.create_future())
+        n = inputs.n_candidates
+        if self._jobs and (self._jobs[0].model is not model or self._n + n > self.max_candidates):
+            self._flush()
+        self._jobs.append(job)
+        self._n += n
+        if self._n >= self.max_candidates:
+            self._flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_wait_s, self._flush)
+        return await job.future
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        jobs, self._jobs, self._n = self._jobs, [], 0
+        if jobs:
+            task = asyncio.get_running_loop().create_task(self._execute(jobs))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        self.metrics.microbatch_size.observe(len(jobs))
+        try:
+            merged = _concat([j.inputs for j in jobs])
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self.executor, jobs[0].model.backend.run, merged)
+        except Exception as exc:
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(exc)
+            return
+        probs, attention = out["probs"], out.get("attention")
+        lo = 0
+        for j in jobs:
+            hi = lo + j.inputs.n_candidates
+            if not j.future.done():
+                j.future.set_result(Scored(probs=probs[lo:hi], attention=None if attention is None
+                                           else attention[lo:hi]))
+            lo = hi
+
+
+def _concat(parts: Sequence[InputArrays]) -> dict[str, np.ndarray]:
+    """Stack U_i sequences and N_i candidates; candidate users shift by the users before them."""
+    offsets = np.cumsum([0] + [p.n_users for p in parts[:-1]])
+    merged: dict[str, np.ndarray] = {}
+    for name in INPUT_NAMES:
+        if name == "cand_user":
+            merged[name] = np.concatenate([p.cand_user + off for p, off in zip(parts, offsets, strict=True)])
+        else:
+            merged[name] = np.concatenate([getattr(p, name) for p in parts], axis=0)
+    return merged

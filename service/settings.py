@@ -1,0 +1,104 @@
+"""Service configuration: one pydantic-settings class, env prefix `POLARITY_`, unknown keys rejected.
+
+Built by the caller (the CLI, a test, a deployment) and passed to `service.app.create_app` — never
+at import time. Every field is also an environment variable, e.g. `POLARITY_REDIS_URL`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+
+# Event type -> polarity when a row has no `label`: positive engagement +1, negative signal -1.
+DEFAULT_EVENT_POLARITY: dict[str, int] = {"click": 1, "like": 1, "skip": -1, "dislike": -1}
+
+
+class Settings(BaseSettings):
+    """Everything the scoring service and the stream ingester read from their environment."""
+
+    model_config = SettingsConfigDict(env_prefix="POLARITY_", extra="forbid", frozen=True)
+
+    # --- what to serve, where
+    bundle: Path | None = Field(default=None, description="exported bundle directory (manifest.json, model.onnx)")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="history store")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: Device = Field(default="auto", description="auto: CUDA when available else CPU; cuda: CUDA or fail")
+    inference_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = cores / workers)")
+    inference_workers: int = Field(default=0, ge=0, description="inference thread pool size (0 = cores)")
+    model_dir: Path | None = Field(
+        default=None, description="bundles for /v1/admin/reload must lie under it (default: the bundle's parent)"
+    )
+
+    # --- request limits
+    max_candidates: int = Field(default=2000, ge=1)
+    max_events: int = Field(default=5000, ge=1, description="events per /v1/events request")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    explain_top_k: int = Field(default=5, ge=1, le=100)
+
+    # --- Redis history store
+    history_cap: int = Field(default=512, ge=1, description="events kept per user and polarity")
+    history_ttl_s: int = Field(default=30 * 86400, ge=1)
+    dedupe_ttl_s: int = Field(default=86400, ge=1, description="how long an event_id is remembered")
+    key_prefix: str = Field(default="pol", min_length=1)
+    redis_timeout_ms: int = Field(default=250, ge=1, description="socket read/write timeout")
+    redis_connect_timeout_ms: int = Field(default=500, ge=1)
+    redis_max_connections: int = Field(default=64, ge=1)
+    redis_retries: int = Field(default=1, ge=0)
+    score_redis_budget_ms: int = Field(
+        default=50, ge=1, description="/v1/score answers from an empty history when Redis takes longer"
+    )
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 answers")
+
+    # --- events
+    event_polarity: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EVENT_POLARITY))
+
+    # --- security and observability
+    api_key: SecretStr | None = Field(default=None, description="required on write/admin routes when set")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics on its own port")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- micro-batching of concurrent /v1/score requests (0 = off)
+    microbatch_max_wait_us: int = Field(default=0, ge=0, le=1_000_000)
+    microbatch_max_candidates: int = Field(default=4096, ge=1)
+
+    @field_validator("event_polarity")
+    @classmethod
+    def _check_polarity(cls, value: dict[str, int]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, sign in value.items():
+            key = name.strip().lower()
+            if not key:
+                raise ValueError("event names must be non-empty")
+            if sign not in (1, -1):
+                raise ValueError(f"polarity of event {name!r} must be +1 or -1, got {sign}")
+            out[key] = int(sign)
+        return out
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("key_prefix must not contain '{' or '}' (they delimit the Redis Cluster hash tag)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.microbatch_max_wait_us and self.microbatch_max_candidates < self.max_candidates:
+            raise ValueError(
+                f"microbatch_max_candidates ({self.microbatch_max_candidates}) must be >= max_candidates "
+                f"({self.max_candidates}) so that every request fits one batch"
+            )
+        return self
+
+    @property
+    def reload_root(self) -> Path | None:
+        """Directory that bundles for hot reload must lie under."""
+        if self.model_dir is not None:
+            return self.model_dir.resolve()
+        return None if self.bundle is None else self.bundle.resolve().parent

@@ -1,0 +1,160 @@
+"""Redis Streams ingestion against a real redis-server: same write path, XACK after write, redelivery is a no-op."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from service_harness import SettingsFactory
+
+from service.app import open_store
+from service.event_mapping import EventMapping
+from service.event_writer import EventWriter
+from service.history_store import HistoryStoreUnavailable
+from service.ingest import StreamIngester
+from service.metrics import ServiceMetrics
+
+pytestmark = [pytest.mark.redis]
+
+ROOT = Path(__file__).resolve().parents[2]
+T0 = 1_700_000_000.0
+
+
+def entry(user: str, item: str, ts: float, **extra: str) -> dict[str, str]:
+    return {"user_id": user, "item_id": item, "timestamp": repr(ts), **extra}
+
+
+def ingester(settings: Any, stream: str, consumer: str, **kwargs: Any) -> tuple[StreamIngester, ServiceMetrics]:
+    store = open_store(settings)
+    metrics = ServiceMetrics()
+    writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity), metrics=metrics)
+    return StreamIngester(redis=store.redis, writer=writer, metrics=metrics, stream=stream, group="g",
+                          consumer=consumer, block_ms=50, **kwargs), metrics
+
+
+@pytest.mark.asyncio
+async def test_stream_entries_reach_the_histories(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    ing, metrics = ingester(settings, stream, "c1", batch_size=3)
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        await r.xadd(stream, entry("u", "247", T0 + 1, event="click"))
+        await r.xadd(stream, entry("u", "258", T0 + 2, event="skip", category="5"))
+        await r.xadd(stream, entry("u", "94", T0 + 3, label="0"))
+        await r.xadd(stream, entry("u", "94", T0 + 0.5, event="like", event_id="fixed"))  # late
+        await r.xadd(stream, entry("u", "94", T0 + 0.5, event="like", event_id="fixed"))  # producer resent
+        await r.xadd(stream, entry("u", "x", T0 + 4, event="teleport"))  # unknown type: rejected
+        await r.xadd(stream, {"user_id": "u", "timestamp": "soon"})  # poison: rejected, acked
+        await r.xadd(stream, entry("u", "x", float("inf"), event="click"))  # not finite: rejected
+        applied = await ing.run(stop=asyncio.Event(), until_idle=True)
+        assert applied == 8
+        history = await ing.writer.store.read("u")
+        assert history.positives.item_ids == ["94", "247"]
+        assert history.negatives.item_ids == ["258", "94"]
+        assert history.negatives.events == ["skip", "negative"] and history.negatives.categories == ["5", None]
+        assert await ing.lag() == 0
+        pending = await r.xpending(stream, "g")
+        assert pending["pending"] == 0
+        ev = metrics.events
+        assert ev.labels(event="like", outcome="duplicate", source="stream")._value.get() == 1
+        assert ev.labels(event="unknown", outcome="rejected", source="stream")._value.get() == 3
+        assert metrics.ingest_batches.labels(outcome="success")._value.get() == 3
+    finally:
+        await r.delete(stream)
+        await r.aclose()
+
+
+@pytest.mark.asyncio
+async def test_redelivered_entry_is_applied_once(make_settings: SettingsFactory) -> None:
+    """A consumer writes a batch and dies before XACK; another claims it: duplicates, history unchanged."""
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    dead, _ = ingester(settings, stream, "dead")
+    live, metrics = ingester(settings, stream, "live", claim_idle_ms=50)
+    try:
+        await dead.ensure_group()
+        for k in range(5):
+            await dead.redis.xadd(stream, entry("v", f"i{k}", T0 + k, event="skip" if k % 2 else "click"))
+        entries = await dead.next_batch()
+        assert len(entries) == 5
+        first = await dead.apply(entries)  # written ... and then the process dies: no XACK
+        assert first.accepted == 5
+        assert (await dead.redis.xpending(stream, "g"))["pending"] == 5
+        before = await dead.writer.store.read("v")
+
+        await asyncio.sleep(0.1)  # idle longer than claim_idle_ms
+        await dead.redis.xadd(stream, entry("v", "new", T0 + 10, event="click"))
+        applied = await live.run(stop=asyncio.Event(), until_idle=True)
+        assert applied == 6
+        after = await live.writer.store.read("v")
+        assert after.positives.item_ids == [*before.positives.item_ids, "new"]
+        assert after.negatives.item_ids == before.negatives.item_ids
+        assert (await live.redis.xpending(stream, "g"))["pending"] == 0
+        assert metrics.events.labels(event="click", outcome="duplicate", source="stream")._value.get() == 3
+        assert metrics.events.labels(event="skip", outcome="duplicate", source="stream")._value.get() == 2
+    finally:
+        await dead.redis.delete(stream)
+        await dead.redis.aclose()
+        await live.redis.aclose()
+
+
+@pytest.mark.asyncio
+async def test_failed_write_is_not_acked_and_is_retried(make_settings: SettingsFactory, private_redis: Any) -> None:
+    """Histories on a Redis that goes down, the stream on another: the batch stays pending, then applies."""
+    stream_settings = make_settings()
+    store_settings = make_settings(redis_url=private_redis.url, redis_timeout_ms=200, redis_connect_timeout_ms=200)
+    stream = f"{stream_settings.key_prefix}:stream"
+    streams = open_store(stream_settings).redis
+    store = open_store(store_settings)
+    metrics = ServiceMetrics()
+    writer = EventWriter(store=store, mapping=EventMapping(polarity={"click": 1}), metrics=metrics)
+    ing = StreamIngester(redis=streams, writer=writer, metrics=metrics, stream=stream, group="g", consumer="c",
+                         block_ms=50, retry_backoff_s=0.05)
+    try:
+        await ing.ensure_group()
+        await streams.xadd(stream, entry("w", "a", T0, event="click"))
+        private_redis.stop()
+        with pytest.raises(HistoryStoreUnavailable):
+            await ing.step()
+        assert (await streams.xpending(stream, "g"))["pending"] == 1  # not acknowledged
+        assert metrics.ingest_batches.labels(outcome="retry")._value.get() == 1
+        private_redis.start()
+        assert await ing.run(stop=asyncio.Event(), until_idle=True) == 1
+        assert (await streams.xpending(stream, "g"))["pending"] == 0
+        assert (await store.read("w")).positives.item_ids == ["a"]
+    finally:
+        await streams.delete(stream)
+        await streams.aclose()
+        await store.redis.aclose()
+
+
+def test_ingest_cli_until_idle(make_settings: SettingsFactory) -> None:
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:cli"
+    import redis
+
+    r = redis.Redis.from_url(settings.redis_url)
+    try:
+        for k in range(4):
+            r.xadd(stream, entry("cli-user", f"i{k}", T0 + k, event="click"))
+        env = {**os.environ, "POLARITY_KEY_PREFIX": settings.key_prefix,
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-m", "model.cli", "ingest", "--redis-url", settings.redis_url,
+                               "--stream", stream, "--group", f"grp-{uuid.uuid4().hex[:6]}", "--block-ms", "100",
+                               "--until-idle"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "ingested 4 stream entries" in proc.stdout
+        assert "torch" not in proc.stderr
+        members = r.zrange(f"{settings.key_prefix}:{{u:Y2xpLXVzZXI}}:pos", 0, -1)
+        assert len(members) == 4
+    finally:
+        r.delete(stream)
+        r.close()
