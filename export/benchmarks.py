@@ -247,7 +247,7 @@ def _per_candidate(x: InputArrays) -> InputArrays:
     return InputArrays(**d)
 
 
-def _naive_export(model: nn.Module, spec: FeatureSpec, path: Path) -> Path:
+def naive_export(model: nn.Module, spec: FeatureSpec, path: Path) -> Path:
     """The trained model with its gate in paper form, exported as is (no custom op, no folding pass,
     no function), probabilities only."""
     import copy
@@ -301,7 +301,7 @@ def bench_serving(n_cand: int = 500, length: int = 100, d: int = 64) -> str:
                                     Path(tmp) / "model.onnx")
                 probs_path = _save(export_onnx(ServingModel.from_trained(model, attention=False), spec,
                                                expected_gates=1), Path(tmp) / "probs.onnx")
-                naive_path = _naive_export(model, spec, Path(tmp) / "naive.onnx")
+                naive_path = naive_export(model, spec, Path(tmp) / "naive.onnx")
                 sessions = {(kind, n): _session(path, kernel=kind in ("kernel", "probs") and has_kernel, threads=n)
                             for n in (THREADS, 1) for kind, path in (("function", bundle_path), ("naive", naive_path),
                                                                      ("kernel", bundle_path), ("probs", probs_path))}

@@ -6,7 +6,9 @@ Steps:
 2. wrap it for serving (`ServingModel`: sigmoid on the logits, plus the candidates' attention over
    the history as a second output; every TAPF gate replaced by `FoldedTAPFGate`, which holds the
    folded weights as constants and calls `tapf::gate`, and every DIN target attention by
-   `FoldedTargetAttention`, one per-candidate matrix instead of two token-wide linears);
+   `FoldedTargetAttention`, one per-candidate matrix instead of two token-wide linears; OneTrans's `score`
+   by `ServingOneTrans`, which runs the NS tokens as batched MatMuls and never copies the S keys/values
+   per candidate);
 3. export with the dynamo exporter; `tapf::gate` becomes one `tapf.fused::TAPFGate` node through
    the custom translation table (`export.tapf_onnx`), and the model-local function of the same
    name is attached so stock ONNX Runtime runs the file by inlining it;
@@ -22,6 +24,7 @@ import contextlib
 import copy
 import datetime as dt
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -29,7 +32,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -55,7 +58,8 @@ from model.batch import INPUT_NAMES, InputArrays
 from model.feature_spec import OOV_INDEX, FeatureSpec, SpecError
 from model.models.config import ARCHS, ModelConfig
 from model.models.ctr_model import SequenceCTRModel
-from model.modules.attention import TargetAttention, masked_softmax
+from model.models.onetrans import NSTokenBlock, OneTrans
+from model.modules.attention import SelfAttentionBlock, TargetAttention, masked_softmax, sequence_attention_mask
 from model.modules.gather import per_candidate
 from model.modules.polarity_gate import TAPFGate, tapf_gate
 from model.vocab import VOCAB_FILES
@@ -67,6 +71,8 @@ __all__ = [
     "FoldedTAPFGate",
     "FoldedTargetAttention",
     "ServingModel",
+    "ServingNSTokenBlock",
+    "ServingOneTrans",
     "export_bundle",
     "export_onnx",
     "load_run",
@@ -149,6 +155,136 @@ class FoldedTargetAttention(nn.Module):
         return torch.einsum("nl,nld->nd", weights, tokens), weights
 
 
+class ServingNSTokenBlock(nn.Module):
+    """A trained `NSTokenBlock` for serving: NS tokens in (T, N, d) layout, S keys/values never copied per candidate.
+
+    Same maths as `NSTokenBlock.forward` (one softmax over the candidate's user's S keys and the earlier NS
+    keys), rearranged for ONNX Runtime:
+    - each NS token's own weights become one batched MatMul (T, N, d) x (T, d, e) instead of an Einsum;
+    - the queries of all N candidates score all U users' S keys in one MatMul (H, T*N, dh) x (H, dh, U*Ls);
+      the columns of other users' keys (and padding) are -inf, so they get weight exactly 0. That costs
+      O(N * U * Ls) scores instead of an (N, H, Ls, dh) gather of keys and of values per layer: the same work
+      at U=1 (one request) and a small multiple for a micro-batch of U requests;
+    - the T x T NS-to-NS scores and their weighted values are broadcast products in the (T, N, d) layout (T is
+      a handful), so the NS keys and values need no per-head transposes (ORT's slowest nodes here otherwise);
+    - the Q/K/V weights are split (and the 1/sqrt(dh) score scale folded into Q) once, at export.
+    """
+
+    ns_bias: Tensor
+    w_qkv: Tensor
+    b_qkv: Tensor
+    ffn_in: Tensor
+    pad_values: Tensor
+
+    def __init__(self, block: NSTokenBlock) -> None:
+        super().__init__()
+        t, d, _ = block.qkv.shape
+        h = block.n_heads
+        self.n_heads = h
+        self.out = block.out  # (T, d, d)
+        self.ffn_out = block.ffn_out  # (T, f, d)
+        # Folded once: the RMSNorm weights into the next per-token weights (rms(x) * w @ W = rms(x) @ (w W)), Q/K/V
+        # split onto a leading axis (one broadcast MatMul gives (3, T, N, d), no Slice of the last axis) and the
+        # score scale 1/sqrt(dh) into Q (no scaling of the (H, N, T, U*Ls + T) scores).
+        scale = torch.tensor([1.0 / math.sqrt(d // h), 1.0, 1.0]).view(3, 1, 1, 1)
+        with torch.no_grad():
+            w = (block.norm1.detach()[:, :, None] * block.qkv.detach()).view(t, d, 3, d).permute(2, 0, 1, 3)
+            self.register_buffer("w_qkv", (w * scale).contiguous())  # (3, T, d, d)
+            b = block.qkv_bias.detach().view(t, 3, 1, d).permute(1, 0, 2, 3)
+            self.register_buffer("b_qkv", (b * scale).contiguous())  # (3, T, 1, d)
+            self.register_buffer("ffn_in", (block.norm2.detach()[:, :, None] * block.ffn_in.detach()).contiguous())
+            causal = torch.tril(torch.ones(t, t, dtype=torch.bool))
+            # NS query t may see NS key t' <= t: additive 0 / -inf, (T, T').
+            self.register_buffer("ns_bias", torch.zeros(t, t).masked_fill(~causal, float("-inf")))
+            # Zero value rows under the NS columns of the softmax: the S values read all U*Ls + T' weights unsliced.
+            self.register_buffer("pad_values", torch.zeros(h, t, d // h))
+
+    @staticmethod
+    def _rms(x: Tensor) -> Tensor:
+        """RMSNorm without its weight (folded into the next MatMul)."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, ns: Tensor, s_keys: Tensor, s_values: Tensor, s_bias: Tensor) -> Tensor:
+        """ns (T, N, d); s_keys/s_values (U, H, Ls, dh) this layer's keys per user; s_bias (N, U*Ls) 0 where
+        candidate n may attend (its own user's real tokens), -inf elsewhere -> (T, N, d)."""
+        t, n, d = ns.shape
+        h = self.n_heads
+        dh = d // h
+        q_t, k_t, v_t = (torch.matmul(self._rms(ns), self.w_qkv) + self.b_qkv).unbind(0)  # each (T, N, d)
+        q = q_t.view(t, n, h, dh).permute(2, 1, 0, 3)  # (H, N, T, dh), scaled
+        keys = s_keys.permute(1, 3, 0, 2).reshape(h, dh, -1)  # (H, dh, U*Ls)
+        values = torch.cat([s_values.permute(1, 0, 2, 3).reshape(h, -1, dh), self.pad_values], 1)  # (H, U*Ls+T', dh)
+        s_scores = torch.matmul(q.reshape(h, n * t, dh), keys).view(h, n, t, -1) + s_bias[None, :, None, :]
+        # NS-to-NS in token-major layout: T x T' broadcast products summed per head (no per-head transposes).
+        ns_scores = (q_t.unsqueeze(1) * k_t.unsqueeze(0)).view(t, t, n, h, dh).sum(-1)  # (T, T', N, H)
+        ns_scores = ns_scores.permute(3, 2, 0, 1) + self.ns_bias  # (H, N, T, T')
+        weights = torch.softmax(torch.cat([s_scores, ns_scores], dim=-1), dim=-1)  # (H, N, T, U*Ls + T')
+        att_s = torch.matmul(weights.reshape(h, n * t, -1), values).view(h, n, t, dh)  # NS columns hit zero rows
+        w_ns = weights[..., s_scores.shape[-1]:].permute(2, 3, 1, 0).unsqueeze(-1)  # (T, T', N, H, 1)
+        att_ns = (w_ns * v_t.view(1, t, n, h, dh)).sum(1).reshape(t, n, d)  # (T, N, d)
+        att = att_s.permute(2, 1, 0, 3).reshape(t, n, d) + att_ns  # (T, N, d)
+        y = ns + torch.matmul(att, self.out)
+        hidden = F.silu(torch.matmul(self._rms(y), self.ffn_in))  # (T, N, f)
+        return y + torch.matmul(hidden, self.ffn_out)
+
+
+class ServingOneTrans(nn.Module):
+    """`OneTrans.score` for serving (encoded TAPF placement or no gate), with `ServingNSTokenBlock`s: the NS
+    stack runs in (T, N, d) layout and reads each layer's S keys/values per user, never per candidate."""
+
+    split_w: Tensor
+    split_b: Tensor
+
+    def __init__(self, model: OneTrans) -> None:
+        super().__init__()
+        self.model = model
+        self.ns_blocks = nn.ModuleList(ServingNSTokenBlock(b) for b in model.ns_blocks)  # type: ignore[arg-type]
+        # The auto-split's last Linear (2d -> T*d) as T per-token (2d, d) weights: it writes (T, N, d) directly.
+        *hidden, last = model.auto_split
+        last = cast(nn.Linear, last)
+        self.split_hidden = nn.Sequential(*hidden)
+        t, d = model.config.n_ns_tokens, model.config.d_model
+        with torch.no_grad():
+            w = last.weight.detach()  # (T*d, 2d)
+            self.register_buffer("split_w", w.view(t, d, w.shape[1]).transpose(1, 2).contiguous())  # (T, 2d, d)
+            self.register_buffer("split_b", last.bias.detach().view(t, 1, d).clone())  # (T, 1, d)
+
+    def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
+                cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        """Same inputs and outputs as `OneTrans.score`: logits (N,), attention (N, L)."""
+        m = self.model
+        n, length = cand.shape[0], tokens.shape[1]
+        ns_in = torch.cat([m.cand_norm(cand), per_candidate(m.scaled_stats(stats), cand_user)], -1)  # (N, d+S)
+        ns = torch.matmul(self.split_hidden(ns_in), self.split_w) + self.split_b  # (T, N, d)
+        # cand_user's one-hot over users: which users' key columns candidate n may read.
+        own = cand_user[:, None] == torch.arange(tokens.shape[0], device=cand.device)[None, :]  # (N, U)
+        s, s_mask = tokens, mask
+        for block, ns_block, n_q in zip(m.s_blocks, self.ns_blocks, m.queries, strict=True):
+            att_mask = sequence_attention_mask(s_mask, causal=True, n_queries=n_q)  # (U, 1, Q, Ls)
+            s_next, keys, values = cast(SelfAttentionBlock, block).attend(s, att_mask, n_q)
+            allowed = (own[:, :, None] & s_mask[None, :, :]).reshape(n, -1)  # (N, U*Ls)
+            s_bias = torch.zeros(allowed.shape, dtype=s.dtype, device=s.device).masked_fill(~allowed, float("-inf"))
+            ns = ns_block(ns, keys, values, s_bias)
+            s, s_mask = s_next, s_mask[:, -n_q:]
+        s = m.s_norm(s) * s_mask.unsqueeze(-1).to(s.dtype)  # (U, Lf, d)
+        ns = ns.transpose(0, 1)  # (N, T, d)
+        lf = s.shape[1]
+        agg_mask = per_candidate(s_mask, cand_user)  # (N, Lf)
+        agg_tokens = m.gated(s, polarity[:, -lf:], cand, cand_user) if m.gate is not None \
+            else per_candidate(s, cand_user)  # (N, Lf, d)
+        q = m.agg_query(m.ns_norm(ns))  # (N, T, d)
+        scores = torch.matmul(q, agg_tokens.transpose(1, 2)) / math.sqrt(q.shape[-1])  # (N, T, Lf)
+        # `masked_softmax` without its NaN clean-up: padding gets the lowest float instead of -inf (weight exactly
+        # 0 next to any real token) and the mask zeroes it, so an empty history gives zeros, as there.
+        valid = agg_mask[:, None, :]  # (N, 1, Lf)
+        weights = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=-1) * valid.to(
+            scores.dtype)
+        ns = ns + m.agg_out(torch.matmul(weights, agg_tokens))
+        logits = m.head(m.ns_norm(ns).flatten(1)).squeeze(-1)
+        token_weights = weights.mean(1)  # (N, Lf)
+        return logits, F.pad(token_weights, (length - token_weights.shape[1], 0))
+
+
 # What the `attention` output holds, per arch (manifest `model.attention`): always the weights
 # with which the candidate-side query pools the (gated) history into what the head reads.
 ATTENTION_SOURCES = {
@@ -169,12 +305,13 @@ class ServingModel(nn.Module):
     the model's own `forward` calls too: the probabilities are the same either way.
     """
 
-    def __init__(self, model: nn.Module, *, attention: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, attention: bool = True, scorer: nn.Module | None = None) -> None:
         super().__init__()
         if not isinstance(model, SequenceCTRModel):
             raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel; the exporter cannot serve it")
         self.model = model
         self.attention = attention
+        self.scorer = scorer  # a serving rewrite of `model.score` (same inputs and outputs), or None
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -187,8 +324,9 @@ class ServingModel(nn.Module):
         model = self.model
         tokens = model.embed.tokens(seq_item, seq_category, seq_polarity, seq_event, seq_mask)  # (U, L, d)
         cand = model.embed.candidate(cand_item, cand_category)  # (N, d)
-        logits, weights = model.score(tokens=tokens, polarity=seq_polarity, mask=seq_mask, stats=user_stats,
-                                      cand=cand, cand_user=cand_user)  # (N,), (N, L)
+        score = model.score if self.scorer is None else self.scorer
+        logits, weights = score(tokens=tokens, polarity=seq_polarity, mask=seq_mask, stats=user_stats,
+                                cand=cand, cand_user=cand_user)  # (N,), (N, L)
         probs = torch.sigmoid(logits)
         return (probs, weights) if self.attention else (probs,)
 
@@ -203,9 +341,12 @@ class ServingModel(nn.Module):
                     setattr(parent, name, FoldedTAPFGate(child))
                 elif isinstance(child, TargetAttention):
                     setattr(parent, name, FoldedTargetAttention(child))
+        scorer = None
+        if isinstance(served, OneTrans) and not (served.gate is not None and served.config.tapf_placement == "input"):
+            scorer = ServingOneTrans(served)
         for p in served.parameters():
             p.requires_grad_(False)
-        return cls(served, attention=attention).eval()
+        return cls(served, attention=attention, scorer=scorer).eval()
 
 
 def reference_outputs(model: nn.Module, inputs: InputArrays) -> dict[str, np.ndarray]:

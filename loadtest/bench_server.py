@@ -3,8 +3,9 @@
 Backends (the same model each time):
 - `onnx`: the bundle in ONNX Runtime, the service's default (set POLARITY_TAPF_KERNEL=off in the
   environment to run the TAPF function fallback instead of the fused kernel);
-- `per-candidate`: the same ONNX graph fed one copied sequence per candidate (U = N,
-  cand_user = arange) — what a naive per-candidate export computes (`export.benchmarks._per_candidate`);
+- `per-candidate`: the run's model exported as is (paper-form gate, no folding, no serving rewrite:
+  `export.benchmarks.naive_export`) and fed one copied sequence per candidate (U = N, cand_user =
+  arange) — what a naive per-candidate export computes (`export.benchmarks._per_candidate`);
 - `torch`: the run's checkpoint in torch eager (`loadtest.torch_backend`).
 
 A separate process, so the load generator's CPU and GIL never share the server's.
@@ -24,20 +25,29 @@ from model.batch import INPUT_NAMES
 
 
 class PerCandidateBackend:
-    """The bundle's ONNX session, but every candidate gets its own copy of its user's sequence."""
+    """A naive export of the run's model, every candidate with its own copy of its user's sequence."""
 
-    def __init__(self, manifest: Manifest, settings: Any) -> None:
-        from service.inference import OnnxBackend
+    def __init__(self, manifest: Manifest, settings: Any, *, run_dir: Path) -> None:
+        import tempfile
 
-        self.inner = OnnxBackend(manifest, device="cpu", intra_op_threads=settings.inference_threads)
-        self.provider = self.inner.provider
-        self.kernel = f"{self.inner.kernel}+per-candidate"
+        import onnxruntime as ort
+
+        from export.benchmarks import naive_export
+        from export.onnx_export import load_run
+
+        path = naive_export(load_run(run_dir).model, manifest.feature_spec, Path(tempfile.mkdtemp()) / "naive.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.inference_threads
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.provider = "CPUExecutionProvider"
+        self.kernel = "naive-per-candidate"
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cu = inputs["cand_user"]
         feed = {k: (inputs[k][cu] if k.startswith("seq_") or k == "user_stats" else inputs[k]) for k in INPUT_NAMES}
         feed["cand_user"] = np.arange(len(cu), dtype=np.int64)
-        return self.inner.run(feed)
+        (probs,) = self.session.run(None, feed)
+        return {"probs": np.asarray(probs, dtype=np.float32).reshape(-1)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,12 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="concurrent inferences (1: each one gets every intra-op thread; more oversubscribes 2 cores)")
     p.add_argument("--backend", choices=("onnx", "per-candidate", "torch"), default="onnx")
-    p.add_argument("--run-dir", type=Path, default=None, help="checkpoint for --backend torch")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoint for --backend torch and per-candidate")
     args = p.parse_args(argv)
 
     factory: Any = None
     if args.backend == "per-candidate":
-        factory = PerCandidateBackend
+        if args.run_dir is None:
+            p.error("--backend per-candidate needs --run-dir")
+        run_dir = args.run_dir
+
+        def factory(manifest: Manifest, settings: Any) -> PerCandidateBackend:
+            return PerCandidateBackend(manifest, settings, run_dir=run_dir)
     elif args.backend == "torch":
         if args.run_dir is None:
             p.error("--backend torch needs --run-dir")

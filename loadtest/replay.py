@@ -123,6 +123,8 @@ def _event_payload(table: EventTable, row: int, *, run_id: str, user_prefix: str
 
 # ------------------------------------------------------------------------------------ offline
 
+ONNX_OFFLINE_BATCH = 128  # samples (= users) per ONNX Runtime call when scoring offline with the bundle
+
 
 @dataclass(frozen=True, kw_only=True)
 class Offline:
@@ -150,8 +152,11 @@ def offline_scores(table: EventTable, rows: np.ndarray, *, bundle: Path, run_dir
 
         backend = OnnxBackend(manifest, device="cpu")
         probs = np.empty(len(source), dtype=np.float32)
-        for lo in range(0, len(source), batch_size):
-            idx = np.arange(lo, min(lo + batch_size, len(source)))
+        # Every sample is its own user (U = N): the serving graph is built for few users per call (one
+        # request, or a small micro-batch) and its OneTrans attention costs O(N * U * L), so batch small.
+        step = min(batch_size, ONNX_OFFLINE_BATCH)
+        for lo in range(0, len(source), step):
+            idx = np.arange(lo, min(lo + step, len(source)))
             probs[idx] = backend.run(source.inputs(idx).as_dict())["probs"]
     return Offline(source=source, probs=probs, vocab=vocab, spec=spec)
 

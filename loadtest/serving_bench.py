@@ -77,10 +77,10 @@ def bench_env() -> BenchEnv:
     global _ENV
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if _ENV is None:
-        from loadtest.redis_server import RedisServer
+        from loadtest.redis_server import RedisProcess
 
         root = Path(tempfile.mkdtemp(prefix="polarity-serving-bench-"))
-        redis = RedisServer().start()
+        redis = RedisProcess().start()
 
         def cleanup() -> None:
             redis.close()
@@ -105,7 +105,7 @@ def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, t
     port = _free_port()
     cmd = [sys.executable, "-m", "loadtest.bench_server", "--bundle", str(env.run.bundle), "--redis-url",
            env.redis_url, "--port", str(port), "--threads", str(threads), "--backend", backend]
-    if backend == "torch":
+    if backend in ("torch", "per-candidate"):
         cmd += ["--run-dir", str(env.run.run_dir)]
     proc_env = dict(os.environ)
     if not kernel:

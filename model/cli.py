@@ -16,6 +16,7 @@ from pathlib import Path
 
 from model.data.events import EventLogError
 from model.feature_spec import SpecError
+from model.metrics import print_metrics_table
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -52,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     metrics = train(_train_config(args), out=args.out, resume=True if args.resume else None)  # type: ignore[arg-type]
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for everyone
-        _print_metrics(metrics)
+        print_metrics_table(metrics)
         print(f"run written to {args.out}")
     return 0
 
@@ -61,7 +62,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from model.train import evaluate_run
 
     metrics = evaluate_run(args.run_dir, data=args.data, source=args.source)
-    _print_metrics(metrics)
+    print_metrics_table(metrics)
     return 0
 
 
@@ -185,27 +186,6 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(report, indent=2))
         print(f"report written to {args.out}")
     return 0
-
-
-def _print_metrics(metrics: dict[str, object]) -> None:
-    rows: list[str] = []
-    notes: list[str] = []
-    for part in ("valid", "test"):
-        if part not in metrics:
-            continue
-        m = metrics[part]
-        if not isinstance(m, dict):  # e.g. valid skipped (eval_valid=False)
-            continue
-        cell = lambda v: "  n/a " if v is None else f"{v:.4f}"  # noqa: E731 - undefined on this part
-        rows.append(f"| {part:5} | {cell(m['auc'])} | {cell(m['gauc'])} | {cell(m['logloss'])} | {m['n']:,} |")
-        notes += [f"{part}: {note}" for note in m.get("notes", [])]
-    train = metrics.get("train", {})
-    print("| part  | AUC    | GAUC   | logloss | samples |\n|-------|--------|--------|---------|---------|")
-    print("\n".join(rows))
-    for note in notes:
-        print(f"note: {note}")
-    if isinstance(train, dict) and "samples_per_s" in train:
-        print(f"training throughput: {train['samples_per_s']:,.0f} samples/s on {train['threads']} threads")
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,15 +23,17 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.redis_server import RedisProcess, free_port
 from model.data.events import NO_CATEGORY, EventTable, read_event_log, write_event_log
 from model.data.synthetic import SyntheticWorldConfig, generate
+from model.metrics import print_metrics_table
 from model.train import TrainConfig, evaluate_run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 9
 
 
-def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 30_000,
+def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 100_000,
              serve: bool = True, ingest_batch: int = 1000, ingest_limit: int = 60_000) -> int:
     """ingest_limit: post only the most recent events of the log (the ones the scored requests see)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -44,18 +43,17 @@ def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 30_0
     print(f"[1/{STEPS}] synth: {events:,} events -> {log_path} ({time.perf_counter() - t0:.1f}s)")
 
     run_dir = out / "run"
-    cfg = TrainConfig(data=str(log_path), arch="onetrans", seq="mix-tapf", seed=seed,
-                      max_train_samples=max_train_samples)
+    # A demo-sized model (L=20, d=32, small batches) learns in seconds on 2 cores; the paper's shape
+    # (L=100, d=64, batch 2048) is `polarity train`'s default.
+    cfg = TrainConfig(data=str(log_path), arch="onetrans", seq="mix-tapf", seed=seed, seq_len=20, d_model=32,
+                      batch_size=256, lr=2e-3, max_train_samples=max_train_samples)
     metrics = train(cfg, out=run_dir)
     print(f"[2/{STEPS}] train: OneTrans + TAPF on {metrics['train']['samples']:,} samples "
           f"({metrics['train']['samples_per_s']:,.0f} samples/s) -> {run_dir}")
 
     evaluated = evaluate_run(run_dir)
     print(f"[3/{STEPS}] evaluate (reloaded from the checkpoint alone):")
-    print("| part  | AUC    | GAUC   | logloss | samples |\n|-------|--------|--------|---------|---------|")
-    for part in ("valid", "test"):
-        m = evaluated[part]
-        print(f"| {part:5} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['logloss']:.4f} | {m['n']:,} |")
+    print_metrics_table({part: evaluated[part] for part in ("valid", "test") if part in evaluated})
     (out / "demo_metrics.json").write_text(json.dumps(evaluated, indent=2))
 
     from export.onnx_export import export_bundle
@@ -100,12 +98,6 @@ def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 30_0
 # ------------------------------------------------------------------------------------------- plumbing
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _redis_answers(url: str) -> bool:
     import redis
 
@@ -125,26 +117,11 @@ def redis_for_demo(out: Path) -> Iterator[str]:
     if given and _redis_answers(given):
         yield given
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("no Redis: set POLARITY_REDIS_URL or install redis-server")
-    port = _free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="polarity-demo-redis-"))
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+    server = RedisProcess().start()
     try:
-        deadline = time.monotonic() + 10
-        while not _redis_answers(url):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"redis-server did not start (log: {workdir / 'redis.log'})")
-            time.sleep(0.05)
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        shutil.rmtree(workdir, ignore_errors=True)
+        server.close()
 
 
 @contextmanager
@@ -152,7 +129,7 @@ def serving(bundle: Path, redis_url: str, out: Path) -> Iterator[str]:
     """`polarity serve` as its own (torch-free) process; yields its base URL once /readyz answers 200."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "POLARITY_KEY_PREFIX": f"demo-{port}",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     log_file = (out / "serve.log").open("w")

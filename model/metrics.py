@@ -80,3 +80,25 @@ def summarize(users: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[
     if notes:
         out["notes"] = notes
     return out
+
+
+def print_metrics_table(metrics: dict[str, object]) -> None:
+    """Print valid/test AUC, GAUC, logloss as a markdown table (n/a where undefined), notes, throughput."""
+    rows: list[str] = []
+    notes: list[str] = []
+    for part in ("valid", "test"):
+        if part not in metrics:
+            continue
+        m = metrics[part]
+        if not isinstance(m, dict):  # e.g. valid skipped (eval_valid=False)
+            continue
+        cell = lambda v: "  n/a " if v is None else f"{v:.4f}"  # noqa: E731 - undefined on this part
+        rows.append(f"| {part:5} | {cell(m['auc'])} | {cell(m['gauc'])} | {cell(m['logloss'])} | {m['n']:,} |")
+        notes += [f"{part}: {note}" for note in m.get("notes", [])]
+    train = metrics.get("train", {})
+    print("| part  | AUC    | GAUC   | logloss | samples |\n|-------|--------|--------|---------|---------|")
+    print("\n".join(rows))
+    for note in notes:
+        print(f"note: {note}")
+    if isinstance(train, dict) and "samples_per_s" in train:
+        print(f"training throughput: {train['samples_per_s']:,.0f} samples/s on {train['threads']} threads")

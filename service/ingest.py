@@ -203,9 +203,17 @@ class StreamIngester:
                     if outcome is None and until_idle and remaining == 0:
                         break
             except _RETRYABLE as exc:
+                # Counted, so an ingester cut off from Redis shows on dashboards, not only in its log.
+                self.metrics.redis_errors.labels(operation="stream_ingest").inc()
                 log.warning("stream %s: %s; retrying in %.1fs", self.stream, type(exc).__name__, self.retry_backoff_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.retry_backoff_s)
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    # The group vanished (Redis restarted without persistence, failover to a replica that
+                    # lacks it): recreate it rather than retry forever.
+                    log.warning("stream %s: group %s missing; recreating it", self.stream, self.group)
+                    with contextlib.suppress(*_RETRYABLE):
+                        await self.ensure_group()
                 continue
             if outcome is not None:
                 applied += outcome.entries

@@ -18,7 +18,9 @@ router = APIRouter(tags=["events"])
     response_model=EventsResponse,
     dependencies=[Depends(require_api_key)],
     responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-               503: {"model": ErrorResponse, "description": "Redis unavailable; nothing was written; see Retry-After"}},
+               503: {"model": ErrorResponse,
+                     "description": "Redis unavailable or too slow: nothing is reported as accepted (a timed-out "
+                                    "write may still land; resend with the same event_id); see Retry-After"}},
     summary="Append events to user histories",
 )
 async def post_events(body: EventsRequest, runtime: Runtime = Depends(get_runtime)) -> EventsResponse:  # noqa: B008
@@ -31,5 +33,8 @@ async def post_events(body: EventsRequest, runtime: Runtime = Depends(get_runtim
     try:
         return await runtime.writer.write(body.events, source="http")
     except HistoryStoreUnavailable:
-        raise StoreUnavailable("the history store (Redis) is unavailable; nothing was written, retry later",
+        raise StoreUnavailable("the history store (Redis) is unavailable or too slow; no event is reported as "
+                               "accepted. "
+                               "Retry later with the same event_id values (a timed-out write may have landed; "
+                               "the retry is then a duplicate)",
                                retry_after_s=runtime.settings.retry_after_s) from None

@@ -38,7 +38,7 @@ def test_torch_and_per_candidate_backends_score_like_onnx(tiny_bundle, redis_url
     items = [*vocab.items[:40], "never-seen"]
     results = {}
     for name, factory in (("onnx", None), ("torch", torch_backend_factory(tiny_bundle.run_dir, threads=1)),
-                          ("per-candidate", PerCandidateBackend)):
+                          ("per-candidate", lambda m, s: PerCandidateBackend(m, s, run_dir=tiny_bundle.run_dir))):
         settings = Settings(bundle=tiny_bundle.bundle, redis_url=redis_url, key_prefix=f"be-{uuid.uuid4().hex[:8]}",
                             inference_threads=1)
         results[name], _ = _scores(create_app(settings, backend_factory=factory), "u-backend", items)

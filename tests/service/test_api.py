@@ -137,7 +137,7 @@ async def test_redis_down_degrades_scores_and_refuses_writes(make_settings: Sett
             assert body["degraded_reason"] in ("redis_unavailable", "redis_timeout")
         w = await client.post("/v1/events", json={"events": events("erin", ITEMS[:1], "click")})
         assert w.status_code == 503 and w.headers["Retry-After"] == "3"
-        assert w.json()["error"] == "redis_unavailable" and "nothing was written" in w.json()["message"]
+        assert w.json()["error"] == "redis_unavailable" and "no event is reported as accepted" in w.json()["message"]
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["details"]["redis"] == "unavailable"
         assert (await client.get("/livez")).status_code == 200
@@ -367,3 +367,20 @@ async def test_unexpected_errors_are_500_without_request_content_in_logs(
     assert "RuntimeError" in caplog.text
     for secret in ("secret-user-42", "key-do-not-log", "history item 247"):
         assert secret not in caplog.text
+
+
+async def test_an_unexpected_error_is_a_500_logged_without_request_content(
+        make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """The error boundary: a bug answers a JSON 500 and logs the exception type and frames, never its message."""
+    secret = "user-secret-history-item"
+    async with serving(make_settings()) as (app, client):
+        @app.get("/boom")
+        async def boom() -> None:
+            raise RuntimeError(f"leaked {secret}")
+
+        with caplog.at_level("DEBUG"):
+            r = await client.get("/boom")
+    assert r.status_code == 500
+    assert r.json()["message"]
+    assert "RuntimeError" in caplog.text
+    assert secret not in caplog.text and secret not in r.text

@@ -136,6 +136,38 @@ async def test_failed_write_is_not_acked_and_is_retried(make_settings: SettingsF
         await store.redis.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_vanished_group_is_recreated(make_settings: SettingsFactory) -> None:
+    """Redis restarted without persistence (or failed over) loses the group: the ingester recreates it."""
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    ing, metrics = ingester(settings, stream, "c", retry_backoff_s=0.01)
+    r = ing.redis
+    stop = asyncio.Event()
+    try:
+        await ing.ensure_group()
+        task = asyncio.create_task(ing.run(stop=stop))
+        await r.xadd(stream, entry("z", "a", T0, event="click"))
+        for _ in range(200):
+            if (await ing.writer.store.read("z")).positives.item_ids == ["a"]:
+                break
+            await asyncio.sleep(0.02)
+        await r.delete(stream)  # stream and group gone, as after a restart with no AOF
+        await r.xadd(stream, entry("z", "b", T0 + 1, event="click"))  # new stream, no group
+        for _ in range(300):
+            if (await ing.writer.store.read("z")).positives.item_ids == ["a", "b"]:
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+        assert (await ing.writer.store.read("z")).positives.item_ids == ["a", "b"]
+        assert metrics.redis_errors.labels(operation="stream_ingest")._value.get() >= 1
+    finally:
+        stop.set()
+        await r.delete(stream)
+        await r.aclose()
+
+
 def test_ingest_cli_until_idle(make_settings: SettingsFactory) -> None:
     settings = make_settings()
     stream = f"{settings.key_prefix}:cli"
