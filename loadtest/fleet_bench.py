@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtest.live_server import wait_ready
 from loadtest.open_loop import LoadConfig, _Bodies
 from loadtest.serving_bench import PROJECT_ROOT, USERS, BenchEnv, _free_port, _header, bench_env, warm
 
@@ -44,17 +45,8 @@ def fleet(env: BenchEnv, *, processes: int, threads: int, microbatch_us: int,
                  env.redis_url, "--port", str(port), "--device", "cpu"],
                 cwd=PROJECT_ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT), log, port))
             urls.append(f"http://127.0.0.1:{port}")
-        deadline = time.monotonic() + startup_timeout_s
         for (proc, _, port), url in zip(procs, urls, strict=True):
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"service exited: {(env.root / f'fleet-{port}.log').read_text()[-2000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"service on {url} not ready after {startup_timeout_s}s")
-                time.sleep(0.2)
+            wait_ready(url, proc, log_path=env.root / f"fleet-{port}.log", timeout_s=startup_timeout_s)
         if not env.warmed:
             warm(urls[0])
             env.warmed = True

@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -53,3 +54,20 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0, startup
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+def wait_ready(url: str, proc: Any, *, log_path: Path, timeout_s: float = 120.0) -> None:
+    """Poll `url`/readyz until it answers 200; RuntimeError (with the log's tail) when the service process
+    (`subprocess.Popen`) exits first or `timeout_s` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service at {url} exited: {log_path.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service at {url} is not ready after {timeout_s:g}s (log: {log_path})")
+        time.sleep(0.2)

@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from loadtest.live_server import wait_ready
 from loadtest.open_loop import LoadConfig, _Bodies, run_load_sync, warm_histories
 from loadtest.random_bundle import RandomRun, random_run
 
@@ -115,16 +116,7 @@ def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, t
         proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bench server ({backend}) exited: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bench server ({backend}) not ready after {startup_timeout_s}s")
-            time.sleep(0.2)
+        wait_ready(url, proc, log_path=log_path, timeout_s=startup_timeout_s)
         if not env.warmed:
             warm(url)
             env.warmed = True

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtest.live_server import wait_ready
 from loadtest.redis_server import RedisProcess, free_port
 from model.data.events import NO_CATEGORY, EventTable, read_event_log, write_event_log
 from model.data.synthetic import SyntheticWorldConfig, generate
@@ -127,7 +128,6 @@ def redis_for_demo(out: Path) -> Iterator[str]:
 @contextmanager
 def serving(bundle: Path, redis_url: str, out: Path) -> Iterator[str]:
     """`polarity serve` as its own (torch-free) process; yields its base URL once /readyz answers 200."""
-    import httpx
 
     port = free_port()
     env = {**os.environ, "POLARITY_KEY_PREFIX": f"demo-{port}",
@@ -138,16 +138,7 @@ def serving(bundle: Path, redis_url: str, out: Path) -> Iterator[str]:
                             stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not become ready; see {out / 'serve.log'}")
-            time.sleep(0.2)
+        wait_ready(base, proc, log_path=out / "serve.log", timeout_s=120)
         yield base
     finally:
         proc.terminate()
