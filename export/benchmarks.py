@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from export.custom_kernel import kernel_isa, kernel_library_path
-from export.onnx_export import ServingModel, export_onnx, random_inputs
+from export.onnx_export import FoldedTAPFGate, ServingModel, export_onnx, random_inputs
 from export.tapf_onnx import ONNX_OPSET, gate_model
 from model.batch import INPUT_NAMES, InputArrays
 from model.feature_spec import FeatureSpec, SequenceSpec
@@ -137,19 +137,8 @@ class _PaperGate(nn.Module):
         return out
 
 
-class _FoldedTorchGate(nn.Module):
+class _FoldedTorchGate(FoldedTAPFGate):
     """The folded gate written in torch ops (no custom op): what exporting the folded form gives."""
-
-    w_int: Tensor
-    w_tok: Tensor
-    w_mix: Tensor
-    pol_bias: Tensor
-
-    def __init__(self, gate: TAPFGate) -> None:
-        super().__init__()
-        with torch.no_grad():
-            for name, value in gate.folded().items():
-                self.register_buffer(name, value.detach().clone())
 
     def forward(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor) -> Tensor:
         h = tokens[cand_user]  # (N, L, d)

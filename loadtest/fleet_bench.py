@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtest.live_server import wait_ready
+from loadtest.live_server import stop_process, wait_ready
 from loadtest.open_loop import LoadConfig, _Bodies
 from loadtest.serving_bench import PROJECT_ROOT, USERS, BenchEnv, _free_port, _header, bench_env, warm
 
@@ -53,12 +53,7 @@ def fleet(env: BenchEnv, *, processes: int, threads: int, microbatch_us: int,
         yield urls
     finally:
         for proc, log, _ in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             log.close()
 
 

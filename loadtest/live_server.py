@@ -71,3 +71,15 @@ def wait_ready(url: str, proc: Any, *, log_path: Path, timeout_s: float = 120.0)
         if time.monotonic() > deadline:
             raise RuntimeError(f"the service at {url} is not ready after {timeout_s:g}s (log: {log_path})")
         time.sleep(0.2)
+
+
+def stop_process(proc: Any, *, timeout_s: float = 20.0) -> None:
+    """Terminate a service subprocess (`subprocess.Popen`), kill it if it has not exited in `timeout_s`, reap it."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

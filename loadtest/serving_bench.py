@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtest.live_server import wait_ready
+from loadtest.live_server import stop_process, wait_ready
 from loadtest.open_loop import LoadConfig, _Bodies, run_load_sync, warm_histories
 from loadtest.random_bundle import RandomRun, random_run
 
@@ -122,12 +122,7 @@ def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, t
             env.warmed = True
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def warm(url: str, *, users: int = USERS, per_user: int = WARM_PER_USER) -> int:

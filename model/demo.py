@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.live_server import wait_ready
+from loadtest.live_server import stop_process, wait_ready
 from loadtest.redis_server import RedisProcess, free_port
 from model.data.events import NO_CATEGORY, EventTable, read_event_log, write_event_log
 from model.data.synthetic import SyntheticWorldConfig, generate
@@ -141,11 +141,7 @@ def serving(bundle: Path, redis_url: str, out: Path) -> Iterator[str]:
         wait_ready(base, proc, log_path=out / "serve.log", timeout_s=120)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout_s=30)
         log_file.close()
         _delete_prefix(redis_url, f"demo-{port}")
 

@@ -20,6 +20,8 @@ from types import TracebackType
 import httpx
 from redis_process import free_port
 
+from loadtest.live_server import stop_process
+
 
 def polarity_command() -> list[str]:
     """The `polarity` console script of this interpreter's environment."""
@@ -119,13 +121,7 @@ class LiveService:
         """SIGTERM (graceful), SIGKILL after 15 s; returns the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc, timeout_s=15)
         code = self.proc.returncode
         self.proc = None
         return code
@@ -169,13 +165,7 @@ class Ingester:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+            stop_process(self.proc, timeout_s=15)
             self.proc = None
 
     def log_tail(self, n: int = 4000) -> str:
