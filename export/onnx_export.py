@@ -259,6 +259,7 @@ class ServingOneTrans(nn.Module):
         # cand_user's one-hot over users: which users' key columns candidate n may read.
         own = cand_user[:, None] == torch.arange(tokens.shape[0], device=cand.device)[None, :]  # (N, U)
         s, s_mask = tokens, mask
+        exits = tokens  # (U, L, d): every token's latest state (`aggregate="all"`)
         for block, ns_block, n_q in zip(m.s_blocks, self.ns_blocks, m.queries, strict=True):
             att_mask = sequence_attention_mask(s_mask, causal=True, n_queries=n_q)  # (U, 1, Q, Ls)
             s_next, keys, values = cast(SelfAttentionBlock, block).attend(s, att_mask, n_q)
@@ -266,22 +267,25 @@ class ServingOneTrans(nn.Module):
             s_bias = torch.zeros(allowed.shape, dtype=s.dtype, device=s.device).masked_fill(~allowed, float("-inf"))
             ns = ns_block(ns, keys, values, s_bias)
             s, s_mask = s_next, s_mask[:, -n_q:]
-        s = m.s_norm(s) * s_mask.unsqueeze(-1).to(s.dtype)  # (U, Lf, d)
+            exits = torch.cat([exits[:, : exits.shape[1] - n_q], s], dim=1)
+        if m.config.aggregate == "all":
+            s, s_mask = exits, mask
+        s = m.s_norm(s) * s_mask.unsqueeze(-1).to(s.dtype)  # (U, La, d)
         ns = ns.transpose(0, 1)  # (N, T, d)
         lf = s.shape[1]
-        agg_mask = per_candidate(s_mask, cand_user)  # (N, Lf)
-        agg_tokens = m.gated(s, polarity[:, -lf:], cand, cand_user) if m.gate is not None \
-            else per_candidate(s, cand_user)  # (N, Lf, d)
+        agg_mask = per_candidate(s_mask, cand_user)  # (N, La)
+        agg_tokens = m.gated(s, polarity[:, -lf:], m.cand_norm(cand), cand_user) if m.gate is not None \
+            else per_candidate(s, cand_user)  # (N, La, d)
         q = m.agg_query(m.ns_norm(ns))  # (N, T, d)
-        scores = torch.matmul(q, agg_tokens.transpose(1, 2)) / math.sqrt(q.shape[-1])  # (N, T, Lf)
+        scores = torch.matmul(q, agg_tokens.transpose(1, 2)) / math.sqrt(q.shape[-1])  # (N, T, La)
         # `masked_softmax` without its NaN clean-up: padding gets the lowest float instead of -inf (weight exactly
         # 0 next to any real token) and the mask zeroes it, so an empty history gives zeros, as there.
-        valid = agg_mask[:, None, :]  # (N, 1, Lf)
+        valid = agg_mask[:, None, :]  # (N, 1, La)
         weights = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=-1) * valid.to(
             scores.dtype)
         ns = ns + m.agg_out(torch.matmul(weights, agg_tokens))
         logits = m.head(m.ns_norm(ns).flatten(1)).squeeze(-1)
-        token_weights = weights.mean(1)  # (N, Lf)
+        token_weights = weights.mean(1)  # (N, La)
         return logits, F.pad(token_weights, (length - token_weights.shape[1], 0))
 
 
@@ -290,8 +294,8 @@ class ServingOneTrans(nn.Module):
 ATTENTION_SOURCES = {
     "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens",
     "transformer": "DIN target attention of the candidate over the L encoded (TAPF-gated) tokens",
-    "onetrans": "aggregation attention of the candidate's NS tokens over the final S tokens (gated), averaged "
-                "over the NS tokens; the positions the pyramid dropped (the oldest) are 0",
+    "onetrans": "aggregation attention of the candidate's NS tokens over the S tokens (gated), averaged over the "
+                "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0",
     "dual_stream": "target attention of each polarity stream over its own tokens, halved so a row sums to 1",
 }
 

@@ -13,6 +13,7 @@ from model.feature_spec import FeatureSpec, SpecError, from_dict_strict
 ARCHS = ("din", "transformer", "onetrans", "dual_stream")
 SEQ_VARIANTS = ("pos", "mix-pbe", "mix-tapf", "pos-tapf")
 TAPF_PLACEMENTS = ("encoded", "input")
+AGGREGATE_TOKENS = ("all", "final")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +34,10 @@ class ModelConfig:
     head_hidden: tuple[int, ...] = (128, 64)
     n_ns_tokens: int = 4  # OneTrans: NS tokens made by the auto-split MLP
     pyramid_final: float = 0.5  # OneTrans: share of S queries the last layer keeps
+    # OneTrans: which S tokens TAPF gates and the NS tokens pool. "all" = every token, each at the last layer
+    # that updated it (the pyramid's exits); "final" = only the tokens the last layer kept (the most recent;
+    # in a mixed sequence those are mostly skips, since skips outnumber clicks).
+    aggregate: str = "all"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -45,6 +50,8 @@ class ModelConfig:
             raise SpecError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.arch == "dual_stream" and self.uses_tapf:
             raise SpecError("dual_stream separates polarities structurally; use seq_variant mix-pbe or pos")
+        if self.aggregate not in AGGREGATE_TOKENS:
+            raise SpecError(f"aggregate must be one of {AGGREGATE_TOKENS}, got {self.aggregate!r}")
         if not 0.0 < self.pyramid_final <= 1.0:
             raise SpecError(f"pyramid_final must be in (0, 1], got {self.pyramid_final}")
 

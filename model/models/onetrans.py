@@ -7,7 +7,8 @@
   S states therefore never depend on the candidate: they are computed once per user and each
   candidate's NS tokens read them through `cand_user` (the serving-time KV reuse).
 - Pyramid: layer l updates only the most recent S queries, shrinking to `pyramid_final * L`.
-- TAPF ("encoded" placement) gates the final S tokens per candidate; the NS tokens aggregate the
+- TAPF ("encoded" placement) gates the S tokens per candidate, each at its last pyramid state
+  (`aggregate="all"`) or only the ones the last layer kept (`"final"`); the NS tokens aggregate the
   gated tokens with dot-product attention and the head reads the final NS tokens.
 """
 
@@ -97,13 +98,18 @@ class OneTrans(SequenceCTRModel):
 
     def encode(self, s: Tensor, mask: Tensor, ns: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """The unified stack. s (B, L, d) per sequence, mask (B, L), ns (N, T, d), cand_user (N,) into B
-        -> final S (B, Lf, d), its mask (B, Lf), NS (N, T, d)."""
+        -> S tokens to aggregate (B, La, d), their mask (B, La), NS (N, T, d). La = L with `aggregate="all"`
+        (the tokens the pyramid dropped keep the state of the last layer that updated them), else Lf."""
+        exits, full_mask = s, mask  # (B, L, d): every token's latest state
         for block, ns_block, n_q in zip(self.s_blocks, self.ns_blocks, self.queries, strict=True):
             att_mask = sequence_attention_mask(mask, causal=True, n_queries=n_q)  # (B, 1, Q, L)
             s_next, keys, values = block.attend(s, att_mask, n_q)
             ns = ns_block(ns, per_candidate(keys, cand_user), per_candidate(values, cand_user),
                           per_candidate(mask, cand_user))
             s, mask = s_next, mask[:, -n_q:]
+            exits = torch.cat([exits[:, : exits.shape[1] - n_q], s], dim=1)
+        if self.config.aggregate == "all":
+            s, mask = exits, full_mask
         return self.s_norm(s) * mask.unsqueeze(-1).to(s.dtype), mask, ns
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
@@ -121,7 +127,9 @@ class OneTrans(SequenceCTRModel):
             lf = s.shape[1]
             agg_mask = per_candidate(s_mask, cand_user)
             if self.gate is not None:
-                agg_tokens = self.gated(s, polarity[:, -lf:], cand, cand_user)  # (N, Lf, d)
+                # The encoded tokens are RMS-normalised: the gate's candidate must be on their scale, or the
+                # interaction h ⊙ e_v (eq. 3) starts ~15x smaller than h and the signed term learns slowly.
+                agg_tokens = self.gated(s, polarity[:, -lf:], self.cand_norm(cand), cand_user)  # (N, La, d)
             else:
                 agg_tokens = per_candidate(s, cand_user)
         # Weighted aggregation (paper fig. 2): each NS token pools the (gated) S tokens.

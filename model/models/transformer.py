@@ -37,6 +37,8 @@ class TransformerCTR(SequenceCTRModel):
         d = config.d_model
         self.encoder = SequenceEncoder(config=config)
         self.target_attention = TargetAttention(d_model=d, hidden=config.attention_hidden)
+        # The gate's candidate on the scale of the RMS-normalised encoded tokens (encoded placement only).
+        self.cand_norm = RMSNorm(d) if self.gate is not None and config.tapf_placement == "encoded" else None
         self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
@@ -48,7 +50,9 @@ class TransformerCTR(SequenceCTRModel):
         else:
             encoded = self.encoder(tokens, mask)  # (U, L, d), once per user
             if self.gate is not None:
-                pooled, weights = self.target_attention(self.gated(encoded, polarity, cand, cand_user), cand,
+                assert self.cand_norm is not None
+                gated = self.gated(encoded, polarity, self.cand_norm(cand), cand_user)  # (N, L, d)
+                pooled, weights = self.target_attention(gated, cand,
                                                         per_candidate(mask, cand_user))
             else:
                 pooled, weights = self.target_attention(encoded, cand, mask, cand_user)
