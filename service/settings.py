@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     device: Device = Field(default="auto", description="auto: CUDA when available else CPU; cuda: CUDA or fail")
     inference_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = cores / workers)")
     inference_workers: int = Field(default=0, ge=0, description="inference thread pool size (0 = cores)")
+    inference_spinning: bool = Field(
+        default=False, description="let ONNX Runtime's intra-op threads busy-wait for work (faster hand-off on "
+        "idle dedicated cores; on shared cores the spinning takes CPU from the event loop and Redis: the tail grows)",
+    )
     model_dir: Path | None = Field(
         default=None, description="bundles for /v1/admin/reload must lie under it (default: the bundle's parent)"
     )
@@ -62,6 +66,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(default=None, description="required on write/admin routes when set")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics on its own port")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- garbage collector
+    gc_freeze: bool = Field(
+        default=True, description="after startup, move every object then alive (libraries, model, vocabulary) out "
+        "of the cyclic GC: a full collection otherwise walks ~100k of them, a pause of tens of ms on a score request",
+    )
 
     # --- micro-batching of concurrent /v1/score requests (0 = off)
     microbatch_max_wait_us: int = Field(default=0, ge=0, le=1_000_000)

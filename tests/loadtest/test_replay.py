@@ -35,7 +35,9 @@ def test_cli_replay_online_auc_equals_offline(tiny_bundle, redis_url: str, tmp_p
     # Same sequences, same ONNX graph: the scores agree to float32 rounding, so the metrics do too.
     assert report["skew"]["max_abs_score_diff"] < 1e-5
     assert report["skew"]["diverging_samples"] == 0 and not report["skew"]["failed"]
-    assert abs(on["auc"] - off["auc"]) < 1e-6 and abs(on["gauc"] - off["gauc"]) < 1e-6
+    # Rounding-level differences (U=1 online vs micro-batches offline sum in another order) can swap two
+    # scores that tie to within rounding; 1e-5 is still 100x tighter than the 0.001 contract.
+    assert abs(on["auc"] - off["auc"]) < 1e-5 and abs(on["gauc"] - off["gauc"]) < 1e-5
     assert abs(on["logloss"] - off["logloss"]) < 1e-6
     lat = report["latency"]["score"]
     assert lat["count"] >= report["window"]["impressions"] and 0 < lat["p50_ms"] <= lat["p99_ms"]

@@ -210,3 +210,19 @@ def test_rejects_bad_queries() -> None:
         build_sequences(table, user=np.zeros(1, np.int64), cutoff=np.array([np.nan]), spec=SequenceSpec())
     out = build_sequences(table, user=np.zeros(2, np.int64), cutoff=np.array([0.0, np.inf]), spec=SequenceSpec())
     assert not out.mask.any() and np.all(out.stats == 0)
+
+
+@pytest.mark.parametrize("mode", ["mix", "random_history", "random_polarity"])
+def test_one_user_table_matches_batch_on_equal_timestamp_and_seq(mode: str) -> None:
+    """The one-user table (the service's) counts "before" strictly on (timestamp, seq) like the batch
+    path: a positive and a negative equal on both keys are not before each other."""
+    rng = np.random.default_rng(3)
+    events = [Ev(0, float(rng.integers(0, 3)), int(rng.integers(0, 4)), int(rng.integers(2, 30)), 2, 1, pol)
+              for _ in range(40) for pol in (1, -1)]  # few (timestamp, seq) pairs: many equal across polarities
+    events += [Ev(1, 1.0, k, 5, 2, 1, 1) for k in range(3)]  # a second user makes the batch table multi-user
+    spec = SequenceSpec(seq_len=30, pos_ratio=0.5, mode=mode, fill_budget=True, history_cap=64, stats_cap=32, seed=1)
+    cut = np.array([-1.0, 0.0, 1.0, 2.0, 2.5, 9.0])
+    batch = build_sequences(table_of(events, 2), user=np.zeros(cut.shape[0], np.int64), cutoff=cut, spec=spec)
+    one = build_sequences(single_user_table(events, 0), user=np.zeros(cut.shape[0], np.int64), cutoff=cut, spec=spec)
+    for name in ("item", "category", "event", "polarity", "timestamp", "mask", "stats"):
+        np.testing.assert_array_equal(getattr(batch, name), getattr(one, name), err_msg=name)

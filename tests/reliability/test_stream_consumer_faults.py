@@ -82,12 +82,15 @@ def applied_but_pending(client: redis.Redis, server_url: str) -> int:
     return sum(1 for item in items if stored.get(item, 0) > 0)
 
 
-def newest_pending_applied(client: redis.Redis) -> bool:
-    """Whether the newest pending entry is already written (its idempotency key is in the user's dedupe set)."""
+def oldest_pending_applied(client: redis.Redis) -> bool:
+    """Whether the oldest pending entry is already written (its idempotency key is in the user's dedupe set).
+
+    The oldest, not the newest: the consumer reads the next batch before it writes the current one,
+    so while a batch is written, the newest pending entries are those of the next, unwritten batch."""
     pending = client.xpending_range(STREAM, GROUP, "-", "+", 100_000)
     if not pending:
         return False
-    entry_id = pending[-1]["message_id"]
+    entry_id = pending[0]["message_id"]
     rows = client.xrange(STREAM, entry_id, entry_id)
     if not rows:
         return False
@@ -111,7 +114,7 @@ def kill_mid_batch(start: Callable[[], Ingester], client: redis.Redis, server_ur
             assert time.monotonic() < deadline, f"never {after_applied} events applied with a batch pending"
             assert ing.alive(), ing.log_tail()
             pending, _ = group_state(client)
-            if pending > 0 and applied(client) >= after_applied and (not written or newest_pending_applied(client)):
+            if pending > 0 and applied(client) >= after_applied and (not written or oldest_pending_applied(client)):
                 break
             time.sleep(0.001)
         ing.kill()

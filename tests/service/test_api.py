@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import shutil
@@ -230,6 +231,25 @@ async def test_readyz_reports_provider_and_kernel(make_settings: SettingsFactory
         assert metric_value(text, "polarity_provider_info", requested="cpu", provider="CPUExecutionProvider") == 1
         assert metric_value(text, "polarity_model_info", version=model["serving"]["version"]) == 1
         assert metric_value(text, "polarity_http_requests_total", route="/readyz", method="GET", status="200") == 1
+
+
+async def test_startup_freezes_the_gc_and_inference_threads_do_not_spin(make_settings: SettingsFactory) -> None:
+    """gc_freeze keeps startup objects out of the collector until shutdown; inference_spinning reaches
+    the ONNX Runtime session (off by default)."""
+    def spinning(app: Any) -> str:
+        options = app.state.runtime.slot.current.backend.session.get_session_options()
+        return str(options.get_session_config_entry("session.intra_op.allow_spinning"))
+
+    gc.unfreeze()  # whatever an earlier test left frozen
+    async with serving(make_settings()) as (app, client):
+        assert gc.get_freeze_count() > 0
+        assert spinning(app) == "0"
+        assert (await client.post("/v1/score", json=score_body("gina"))).status_code == 200
+    assert gc.get_freeze_count() == 0
+    async with serving(make_settings(gc_freeze=False, inference_spinning=True)) as (app, client):
+        assert gc.get_freeze_count() == 0
+        assert spinning(app) == "1"
+        assert (await client.post("/v1/score", json=score_body("gina"))).status_code == 200
 
 
 @pytest.mark.skipif(CUDA in available_providers(), reason="this machine has a CUDA provider")

@@ -20,6 +20,7 @@ from redis.crc import key_slot
 from service.history_store import (
     ACCEPTED,
     DUPLICATE,
+    EVENTS_PER_CALL,
     HistoryEvent,
     HistoryStore,
     HistoryStoreUnavailable,
@@ -92,6 +93,22 @@ async def test_round_trip_both_polarities(redis_url: str) -> None:
         assert await store.ping()
 
 
+async def test_damaged_members_fail_the_read_even_when_they_join_into_valid_json(redis_url: str) -> None:
+    """The reader parses all payloads of a history as one JSON array; two damaged payloads that happen
+    to join into one valid value must still fail, as each fails alone (nothing is silently misread)."""
+    async with open_store(redis_url) as store:
+        pos = store.keys("u1")["pos"]
+        # Joined: [["i1","click",null],["i2","like",null]], two well-formed rows from two bad payloads.
+        await store.redis.zadd(pos, {'0000000000000001:["i1","click"': 1.0,
+                                     '0000000000000002:null],["i2","like",null]': 2.0})
+        with pytest.raises(ValueError):
+            await store.read("u1")
+        await store.redis.delete(pos)
+        await store.redis.zadd(pos, {'0000000000000001:["i1","click"]': 1.0})  # two fields, not three
+        with pytest.raises(ValueError):
+            await store.read("u1")
+
+
 async def test_idempotent_on_event_id(redis_url: str) -> None:
     async with open_store(redis_url) as store:
         batch = [ev("u", f"i{k}", float(k), "click" if k % 2 else "skip", eid=f"e{k}") for k in range(6)]
@@ -156,6 +173,85 @@ async def test_ttl_on_every_key(redis_url: str) -> None:
             assert 0 < await store.redis.pttl(keys[name]) <= 1000_000, name
         assert 0 < await store.redis.pttl(keys["dedupe"]) <= 500_000
         assert set(await store.redis.keys(f"{store.key_prefix}:*")) == {k.encode() for k in keys.values()}
+
+
+async def test_one_write_of_many_users_equals_event_by_event(redis_url: str) -> None:
+    """A write is split into script calls of whole users (EVENTS_PER_CALL events at most, a bigger
+    user alone in his call, ZADDs of at most 500 members): outcomes, order, counters and histories
+    are those of writing the events one by one."""
+    rng = random.Random(3)
+    events = [ev("big", f"b{k}", 50.0 + (k % 7), "click", eid=f"big-{k % 1100}") for k in range(1200)]
+    events += [ev(f"u{rng.randrange(300)}", f"i{k}", float(rng.randrange(40)), rng.choice(["click", "skip"]),
+                  eid=f"e{rng.randrange(4)}" if k % 4 else None, cat=rng.choice([None, "c", "é\n"]))
+               for k in range(1000)]
+    rng.shuffle(events)
+    assert len(events) > 2 * EVENTS_PER_CALL
+    async with open_store(redis_url, cap=2000) as batch, open_store(redis_url, cap=2000) as single:
+        outcomes = await batch.append(events)
+        expected = [(await single.append([e]))[0] for e in events]
+        assert outcomes == expected
+        assert outcomes.count(DUPLICATE) > 100  # ids repeat, within the write and per user
+        users = sorted({e.user_id for e in events})
+        for a, b in zip(await batch.read_many(users), await single.read_many(users), strict=True):
+            assert triples(a.positives) == triples(b.positives)
+            assert triples(a.negatives) == triples(b.negatives)
+            assert a.positives.seqs.tolist() == b.positives.seqs.tolist()
+            assert a.negatives.seqs.tolist() == b.negatives.seqs.tolist()
+        assert await batch.count("big") == (1100, 0)
+
+
+async def test_an_expired_event_id_is_accepted_again(redis_url: str) -> None:
+    """Expired ids are purged lazily: one still in the set but past its expiry is not a duplicate."""
+    async with open_store(redis_url) as store:
+        assert await store.append([ev("u", "a", 1.0, eid="old"), ev("u", "b", 2.0, eid="live")]) == [ACCEPTED] * 2
+        dedupe = store.keys("u")["dedupe"]
+        await store.redis.zadd(dedupe, {"=old": time.time() - 5})  # as if remembered until 5 s ago
+        assert await store.append([ev("u", "a2", 3.0, eid="old"), ev("u", "b2", 4.0, eid="live")]) == [
+            ACCEPTED, DUPLICATE]
+        assert await store.redis.zscore(dedupe, "=old") > time.time() + store.dedupe_ttl_s - 5  # re-armed
+        assert (await store.read("u")).positives.item_ids == ["a", "b", "a2"]
+
+
+async def test_expired_event_ids_are_purged_as_the_counter_passes_64(redis_url: str) -> None:
+    async with open_store(redis_url) as store:
+        dedupe = store.keys("u")["dedupe"]
+        await store.append([ev("u", "first", 0.0, eid="first")])
+        await store.redis.zadd(dedupe, {f"=gone{k}": time.time() - 10 for k in range(100)})
+        await store.append([ev("u", f"i{k}", float(k), eid=f"id{k}") for k in range(62)])  # counter: 63
+        assert await store.redis.zcard(dedupe) == 1 + 100 + 62
+        await store.append([ev("u", "x", 99.0, eid="x")])  # counter 64: purge
+        assert await store.redis.zcard(dedupe) == 1 + 62 + 1
+
+
+async def test_a_lowered_cap_trims_at_the_next_accepted_event(redis_url: str) -> None:
+    async with open_store(redis_url, cap=20) as wide:
+        await wide.append([ev("u", f"p{k}", float(k)) for k in range(15)] +
+                          [ev("u", f"n{k}", float(k), "skip") for k in range(15)])
+        assert await wide.count("u") == (15, 15)  # counter 30 > cap 20, but nothing over 20 yet
+        narrow = HistoryStore(redis=wide.redis, key_prefix=wide.key_prefix, cap=5)
+        await narrow.append([ev("u", "late", 3.5, "skip")])
+        assert await narrow.count("u") == (5, 5)
+        assert (await narrow.read("u")).negatives.item_ids == ["n10", "n11", "n12", "n13", "n14"]
+
+
+async def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    """The store's connections pack commands with hiredis: the same bytes and errors as redis-py's own packer."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    r = create_redis("redis://127.0.0.1:1/0", connect_timeout_s=1, op_timeout_s=1, max_connections=1, retries=0)
+    conn_class = r.connection_pool.connection_class
+    ours, theirs = conn_class(), Connection()
+    assert type(ours) is not Connection
+    for args in [("SET", "k", "v"), ("SCRIPT LOAD", "return 1"), ("EVALSHA", "ab", 2, "é", b"\x00\xff", 1.5, -7),
+                 ("SET", bytearray(b"k"), memoryview(b"v")), ("ZADD", "z", 0.1 + 0.2, "m", 2**70, "n")]:
+        assert b"".join(ours.pack_command(*args)) == b"".join(bytes(c) for c in theirs.pack_command(*args)), args
+    for bad in (None, True, object()):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", bad)
+        with pytest.raises(DataError):
+            theirs.pack_command("SET", "k", bad)
+    await r.aclose()
 
 
 ODD_USER_IDS = ["u", "{", "}", "{}", "a{b}c", "}{", "{u:x}", ":", "é", "用户😀", " ", "a\nb"]

@@ -73,6 +73,33 @@ async def test_stream_entries_reach_the_histories(make_settings: SettingsFactory
 
 
 @pytest.mark.asyncio
+async def test_overlapped_batches_apply_in_stream_order(make_settings: SettingsFactory) -> None:
+    """run() prepares a batch while the one before is written: still one write at a time, in stream
+    order (equal timestamps keep it), and a bad entry is counted once."""
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    ing, metrics = ingester(settings, stream, "c1", batch_size=2)
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        for k in range(9):
+            await r.xadd(stream, entry("o", f"i{k}", T0, event="click"))
+            if k == 4:
+                await r.xadd(stream, {"user_id": "o", "timestamp": "later"})  # not an event
+        assert await ing.run(stop=asyncio.Event(), until_idle=True) == 10
+        history = await ing.writer.store.read("o")
+        assert history.positives.item_ids == [f"i{k}" for k in range(9)]
+        assert history.positives.seqs.tolist() == list(range(1, 10))
+        assert metrics.events.labels(event="unknown", outcome="rejected", source="stream")._value.get() == 1
+        assert metrics.events.labels(event="click", outcome="accepted", source="stream")._value.get() == 9
+        assert metrics.ingest_batches.labels(outcome="success")._value.get() == 5
+        assert (await r.xpending(stream, "g"))["pending"] == 0
+    finally:
+        await r.delete(stream)
+        await r.aclose()
+
+
+@pytest.mark.asyncio
 async def test_redelivered_entry_is_applied_once(make_settings: SettingsFactory) -> None:
     """A consumer writes a batch and dies before XACK; another claims it: duplicates, history unchanged."""
     settings = make_settings()
