@@ -274,8 +274,10 @@ class ServingOneTrans(nn.Module):
         ns = ns.transpose(0, 1)  # (N, T, d)
         lf = s.shape[1]
         agg_mask = per_candidate(s_mask, cand_user)  # (N, La)
-        agg_tokens = m.gated(s, polarity[:, -lf:], m.cand_norm(cand), cand_user) if m.gate is not None \
-            else per_candidate(s, cand_user)  # (N, La, d)
+        if m.gate is not None:
+            agg_tokens = m.gated(m.gate_tokens(s, tokens, mask), polarity[:, -lf:], m.cand_norm(cand), cand_user)
+        else:
+            agg_tokens = per_candidate(s, cand_user)  # (N, La, d)
         q = m.agg_query(m.ns_norm(ns))  # (N, T, d)
         scores = torch.matmul(q, agg_tokens.transpose(1, 2)) / math.sqrt(q.shape[-1])  # (N, T, La)
         # `masked_softmax` without its NaN clean-up: padding gets the lowest float instead of -inf (weight exactly

@@ -38,6 +38,8 @@ class ModelConfig:
     # that updated it (the pyramid's exits); "final" = only the tokens the last layer kept (the most recent;
     # in a mixed sequence those are mostly skips, since skips outnumber clicks).
     aggregate: str = "all"
+    # OneTrans, encoded placement: TAPF gates each encoded token plus its own RMS-normalised input token.
+    gate_token_skip: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

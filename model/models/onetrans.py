@@ -112,6 +112,15 @@ class OneTrans(SequenceCTRModel):
             s, mask = exits, full_mask
         return self.s_norm(s) * mask.unsqueeze(-1).to(s.dtype), mask, ns
 
+    def gate_tokens(self, s: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
+        """What TAPF calibrates (encoded placement): s (U, La, d) encoded tokens -> (U, La, d). With
+        `gate_token_skip`, each position also carries its own RMS-normalised input token: after causal
+        mixing a position's state is mostly its context, which its polarity tag p_k no longer describes."""
+        if not self.config.gate_token_skip:
+            return s
+        own = tokens[:, -s.shape[1]:]  # (U, La, d)
+        return s + self.s_norm(own) * mask[:, -s.shape[1]:].unsqueeze(-1).to(s.dtype)
+
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
               cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
         n, length = cand.shape[0], tokens.shape[1]
@@ -129,7 +138,8 @@ class OneTrans(SequenceCTRModel):
             if self.gate is not None:
                 # The encoded tokens are RMS-normalised: the gate's candidate must be on their scale, or the
                 # interaction h ⊙ e_v (eq. 3) starts ~15x smaller than h and the signed term learns slowly.
-                agg_tokens = self.gated(s, polarity[:, -lf:], self.cand_norm(cand), cand_user)  # (N, La, d)
+                agg_tokens = self.gated(self.gate_tokens(s, tokens, mask), polarity[:, -lf:], self.cand_norm(cand),
+                                        cand_user)  # (N, La, d)
             else:
                 agg_tokens = per_candidate(s, cand_user)
         # Weighted aggregation (paper fig. 2): each NS token pools the (gated) S tokens.

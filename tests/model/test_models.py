@@ -117,3 +117,23 @@ def test_encoded_gate_reads_a_candidate_on_the_encoded_tokens_scale(arch: str) -
     model(**_inputs(2, 6))
     rms = seen[0].pow(2).mean(-1).sqrt()  # (N,)
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+
+
+def test_onetrans_gate_reads_each_token_with_its_own_embedding() -> None:
+    """`gate_token_skip`: TAPF's input at position k is the encoded state plus token k's own normalised
+    embedding (so its polarity tag describes what it gates); padding stays zero."""
+    torch.manual_seed(0)
+    skip = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16), SPEC).eval()
+    plain = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16, gate_token_skip=False),
+                        SPEC).eval()
+    plain.load_state_dict(skip.state_dict())
+    seen: dict[str, torch.Tensor] = {}
+    for name, model in (("skip", skip), ("plain", plain)):
+        assert model.gate is not None
+        model.gate.register_forward_hook(lambda _m, args, _out, name=name: seen.__setitem__(name, args[0]))
+    x = _inputs(2, 5)
+    skip(**x), plain(**x)
+    tokens = skip.embed.tokens(x["seq_item"], x["seq_category"], x["seq_polarity"], x["seq_event"], x["seq_mask"])
+    own = skip.s_norm(tokens) * x["seq_mask"].unsqueeze(-1)  # (U, L, d)
+    torch.testing.assert_close(seen["skip"] - seen["plain"], own, atol=1e-5, rtol=1e-5)
+    assert (seen["skip"][~x["seq_mask"]] == 0).all()
