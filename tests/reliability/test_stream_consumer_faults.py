@@ -115,9 +115,21 @@ def kill_mid_batch(start: Callable[[], Ingester], client: redis.Redis, server_ur
             assert ing.alive(), ing.log_tail()
             pending, _ = group_state(client)
             if pending > 0 and applied(client) >= after_applied and (not written or oldest_pending_applied(client)):
-                break
+                if not written:
+                    break
+                # The window between a batch's write and its XACK is one round trip: hold it open. With writes
+                # paused (reads still served) the consumer cannot XACK, so if the batch is still written and
+                # pending now, the kill lands inside the window.
+                client.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+                if group_state(client)[0] > 0 and oldest_pending_applied(client):
+                    break
+                client.execute_command("CLIENT", "UNPAUSE")
             time.sleep(0.001)
-        ing.kill()
+        try:
+            ing.kill()
+        finally:
+            if written:
+                client.execute_command("CLIENT", "UNPAUSE")
         pending, _ = group_state(client)
         kill = Kill(pending=pending, applied_unacked=applied_but_pending(client, server_url), applied=applied(client))
         if pending > 0 and (not written or kill.applied_unacked > 0):
