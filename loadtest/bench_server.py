@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="inference intra-op threads")
     p.add_argument("--workers", type=int, default=1,
                    help="concurrent inferences (1: each one gets every intra-op thread; more oversubscribes 2 cores)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="candidate shards per request, each on --threads threads (1: off; 0: the service default)")
+    p.add_argument("--spinning", action="store_true", help="ONNX Runtime threads busy-wait (inference_spinning)")
     p.add_argument("--backend", choices=("onnx", "per-candidate", "torch"), default="onnx")
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoint for --backend torch and per-candidate")
     args = p.parse_args(argv)
@@ -84,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         factory = torch_backend_factory(args.run_dir, threads=args.threads)
     # Benchmarks measure scoring with history: give Redis a generous budget instead of degrading.
     settings = Settings(bundle=args.bundle, redis_url=args.redis_url, key_prefix=args.key_prefix, port=args.port,
-                        inference_threads=args.threads, inference_workers=args.workers, score_redis_budget_ms=2000,
+                        inference_threads=args.threads, inference_workers=args.workers, inference_shards=args.shards,
+                        inference_spinning=args.spinning, score_redis_budget_ms=2000,
                         redis_timeout_ms=2000, log_level="warning")
     uvicorn.run(create_app(settings, backend_factory=factory), host="127.0.0.1", port=args.port,
                 log_level="warning", access_log=False, lifespan="on")

@@ -101,11 +101,13 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, threads: int = THREADS,
-                 startup_timeout_s: float = 180.0) -> Iterator[str]:
+                 shards: int = 1, workers: int = 1, spinning: bool = False, startup_timeout_s: float = 180.0
+                 ) -> Iterator[str]:
     """The service in a subprocess with the given backend; yields its URL once /readyz answers 200."""
     port = _free_port()
     cmd = [sys.executable, "-m", "loadtest.bench_server", "--bundle", str(env.run.bundle), "--redis-url",
-           env.redis_url, "--port", str(port), "--threads", str(threads), "--backend", backend]
+           env.redis_url, "--port", str(port), "--threads", str(threads), "--shards", str(shards),
+           "--workers", str(workers), "--backend", backend] + (["--spinning"] if spinning else [])
     if backend in ("torch", "per-candidate"):
         cmd += ["--run-dir", str(env.run.run_dir)]
     proc_env = dict(os.environ)

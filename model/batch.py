@@ -24,6 +24,7 @@ INPUT_NAMES = (
     "cand_category",  # (N,) int64
     "cand_user",  # (N,) int64 in [0, U)
 )
+USER_INPUTS = frozenset(name for name in INPUT_NAMES if not name.startswith("cand_"))  # indexed by user (U, ...)
 
 
 @dataclass(frozen=True, kw_only=True)

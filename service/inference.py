@@ -2,20 +2,24 @@
 
 `InferenceBackend` is the small protocol the app depends on; `OnnxBackend` (the default) runs a
 bundle's `model.onnx` in ONNX Runtime: CUDA when `device` is `cuda` or `auto` and a CUDA provider
-exists, else CPU, where the fused TAPF kernel library is registered when built.
+exists, else CPU, where the fused TAPF kernel library is registered when built. On CPU a request's
+candidates can be split into shards scored at once on one session (`split_candidates`): each shard is a
+whole, independent graph run, so the shards meet once at the end instead of at every parallel node.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from export.bundle import ATTENTION_NAME, OUTPUT_NAME, Manifest
 from export.custom_kernel import kernel_status, register_kernel
-from model.batch import INPUT_NAMES
+from model.batch import INPUT_NAMES, USER_INPUTS
 from service.errors import StartupError
 from service.settings import Settings
 
@@ -63,7 +67,10 @@ def choose_providers(device: str) -> list[str]:
 class OnnxBackend:
     """A bundle's graph in one ONNX Runtime session (thread-safe `run`)."""
 
-    def __init__(self, manifest: Manifest, *, device: str, intra_op_threads: int = 0, spinning: bool = False) -> None:
+    def __init__(self, manifest: Manifest, *, device: str, intra_op_threads: int = 0, spinning: bool = False,
+                 shards: int = 1, shard_min_candidates: int = 128, concurrent_calls: int = 1) -> None:
+        """`shards` > 1 (CPU only) splits a call of N candidates into up to `shards` runs of at least
+        `shard_min_candidates`; `concurrent_calls` is how many `run`s the caller may have in flight."""
         import onnxruntime as ort
 
         providers = choose_providers(device)
@@ -96,10 +103,25 @@ class OnnxBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if OUTPUT_NAME not in self.output_names:
             raise StartupError(f"{manifest.model_path}: graph has no {OUTPUT_NAME!r} output ({self.output_names})")
-        log.info("ONNX Runtime session: provider=%s (requested %s), kernel=%s, threads=%d, spinning=%s",
-                 self.provider, device, self.kernel, options.intra_op_num_threads, spinning)
+        # A GPU wants one large batch; CPU shards run on their own threads, the caller's running the first.
+        self.shards = max(1, shards) if self.provider == CPU else 1
+        self.shard_min_candidates = max(1, shard_min_candidates)
+        self._shard_pool = (ThreadPoolExecutor(max_workers=(self.shards - 1) * max(1, concurrent_calls),
+                                               thread_name_prefix="polarity-shard") if self.shards > 1 else None)
+        log.info("ONNX Runtime session: provider=%s (requested %s), kernel=%s, threads=%d, spinning=%s, shards=%d",
+                 self.provider, device, self.kernel, options.intra_op_num_threads, spinning, self.shards)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(inputs["cand_user"])
+        parts = min(self.shards, n // self.shard_min_candidates)
+        if parts <= 1 or self._shard_pool is None:
+            return self._run_whole(inputs)
+        first, *rest = split_candidates(inputs, parts)
+        futures = [self._shard_pool.submit(self._run_whole, feed) for feed in rest]
+        results = [self._run_whole(first)] + [f.result() for f in futures]
+        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+
+    def _run_whole(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, inputs)
         out: dict[str, Any] = dict(zip(self.output_names, values, strict=True))
         result = {"probs": np.asarray(out[OUTPUT_NAME], dtype=np.float32).reshape(-1)}
@@ -108,10 +130,36 @@ class OnnxBackend:
         return result
 
 
+def split_candidates(inputs: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """Model inputs of N candidates -> `parts` inputs over consecutive candidate ranges (sizes differ by at
+    most one), each with only the users its candidates read and `cand_user` renumbered into them.
+    Every candidate's score depends only on its own user's sequence, so concatenating the shards'
+    outputs gives the whole call's outputs."""
+    cand_user = inputs["cand_user"]
+    bounds = np.linspace(0, len(cand_user), parts + 1).astype(np.int64)
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        users, local = np.unique(cand_user[lo:hi], return_inverse=True)
+        feed = {name: (value[users] if name in USER_INPUTS else value[lo:hi]) for name, value in inputs.items()}
+        feed["cand_user"] = local.astype(np.int64).reshape(-1)
+        out.append(feed)
+    return out
+
+
 def onnx_backend_factory(manifest: Manifest, settings: Settings) -> InferenceBackend:
     """The default `backend_factory` of `create_app`."""
-    return OnnxBackend(manifest, device=settings.device, intra_op_threads=intra_op_threads(settings),
-                       spinning=settings.inference_spinning)
+    threads = intra_op_threads(settings)
+    return OnnxBackend(manifest, device=settings.device, intra_op_threads=threads,
+                       spinning=settings.inference_spinning, shards=inference_shards(settings, threads),
+                       shard_min_candidates=settings.inference_shard_min_candidates,
+                       concurrent_calls=settings.inference_workers or (os.cpu_count() or 1))
+
+
+def inference_shards(settings: Settings, threads: int) -> int:
+    """settings.inference_shards, else as many shards as the cores hold at `threads` threads each."""
+    if settings.inference_shards:
+        return settings.inference_shards
+    return max(1, (os.cpu_count() or 1) // threads)
 
 
 def intra_op_threads(settings: Settings) -> int:

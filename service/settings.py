@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     device: Device = Field(default="auto", description="auto: CUDA when available else CPU; cuda: CUDA or fail")
     inference_threads: int = Field(default=0, ge=0, description="ONNX Runtime intra-op threads (0 = cores / workers)")
     inference_workers: int = Field(default=0, ge=0, description="inference thread pool size (0 = cores)")
+    inference_shards: int = Field(
+        default=0, ge=0, description="split one request's candidates into up to this many parts scored at once, each "
+        "on inference_threads threads (0 = cores / inference_threads; 1 = off). Unlike intra-op threads, shards never "
+        "wait on each other inside the graph: a busy core delays one shard once, not every parallel node",
+    )
+    inference_shard_min_candidates: int = Field(
+        default=128, ge=1, description="no shard gets fewer candidates than this (small requests are not split)",
+    )
     inference_spinning: bool = Field(
         default=False, description="let ONNX Runtime's intra-op threads busy-wait for work (faster hand-off on "
         "idle dedicated cores; on shared cores the spinning takes CPU from the event loop and Redis: the tail grows)",
