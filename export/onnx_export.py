@@ -133,15 +133,18 @@ class FoldedTargetAttention(nn.Module):
 
     w_token: Tensor
     w_product: Tensor
+    w_score: Tensor
 
     def __init__(self, att: TargetAttention) -> None:
         super().__init__()
         with torch.no_grad():
             self.register_buffer("w_token", att.token.weight.detach().T.contiguous().clone())  # (d, h)
             self.register_buffer("w_product", att.product.weight.detach().T.contiguous().clone())  # (d, h)
+            # The score layer's bias adds one constant to every logit of a softmax, which it cannot change:
+            # dropped (an (N, L) Add less).
+            self.register_buffer("w_score", att.score.weight.detach().T.contiguous().clone())  # (h, 1)
         self.token_bias = att.token.bias
         self.target = att.target
-        self.score = att.score
 
     def forward(self, tokens: Tensor, cand: Tensor, mask: Tensor, cand_user: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -151,7 +154,7 @@ class FoldedTargetAttention(nn.Module):
         per_cand = self.w_token + cand.unsqueeze(-1) * self.w_product  # (N, d, h)
         bias = self.target(cand) + self.token_bias  # (N, h)
         hidden = torch.bmm(tokens, per_cand) + bias.unsqueeze(1)  # (N, L, h)
-        weights = masked_softmax(self.score(F.silu(hidden)).squeeze(-1), mask)  # (N, L)
+        weights = masked_softmax(torch.matmul(F.silu(hidden), self.w_score).squeeze(-1), mask)  # (N, L)
         return torch.einsum("nl,nld->nd", weights, tokens), weights
 
 
