@@ -2,7 +2,9 @@
 
 - HTTP: `POST /v1/events` batches to a running service (concurrent clients, bodies pre-serialised);
 - stream: entries XADDed to a Redis stream beforehand, then drained by the service's consumer
-  (`service.ingest.run_ingester`, the `polarity ingest` loop) — timed from start to empty group;
+  (`service.ingest.run_ingester`, the `polarity ingest` loop) — timed from its start to empty group
+  (its module imports and a collection of this process's own heap come before, as a server's start-up
+  comes before the HTTP path's timing);
 - raw: a redis-py pipeline running the history store's own append script (`_APPEND_LUA`: one
   EVALSHA per up to `EVENTS_PER_CALL` events of whole users, the same keys and arguments as the
   store sends), no service code in between. The script is the store's, so whatever makes it
@@ -15,6 +17,7 @@ own key prefix, and the stored history lengths are counted afterwards to prove t
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 import uuid
@@ -66,6 +69,9 @@ async def stream_ingest(redis_url: str, key_prefix: str, events: list[dict[str, 
     """Fill a stream (not timed as ingest), then time the consumer draining it."""
     from redis.asyncio import Redis
 
+    # run_ingester imports service.app (FastAPI and the routes, ~0.15 s) on its first call: process
+    # start-up, as the HTTP path's server is started before its timing, so imported before it here.
+    import service.app  # noqa: F401
     from service.ingest import run_ingester
     from service.settings import Settings
 
@@ -80,9 +86,18 @@ async def stream_ingest(redis_url: str, key_prefix: str, events: list[dict[str, 
             await pipe.execute()
         produce_s = time.perf_counter() - t0
         settings = Settings(redis_url=redis_url, key_prefix=key_prefix, redis_timeout_ms=5000)
+        # run_ingester starts with a full collection before gc.freeze (as `polarity ingest` does): in
+        # a consumer's own process that walks little (~40 ms), in this one it would walk the bench's
+        # heap (bundle, event lists: ~0.25 s). So this process's objects are collected and frozen
+        # first; run_ingester unfreezes on its way out.
+        gc.collect()
+        gc.freeze()
         t1 = time.perf_counter()
-        applied = await run_ingester(settings, stream=stream, group=group, consumer="bench-0", batch_size=batch,
-                                     block_ms=50, until_idle=True, stop=asyncio.Event())
+        try:
+            applied = await run_ingester(settings, stream=stream, group=group, consumer="bench-0",
+                                         batch_size=batch, block_ms=50, until_idle=True, stop=asyncio.Event())
+        finally:
+            gc.unfreeze()
         elapsed = time.perf_counter() - t1
         await client.delete(stream)
     finally:

@@ -43,6 +43,9 @@ from loadtest.open_loop import LoadConfig, _Bodies, run_load_sync, warm_historie
 from loadtest.random_bundle import RandomRun, random_run
 
 THREADS = 2
+# The service's own defaults on this machine (0 = derived from the cores; see service.inference).
+SERVICE_DEFAULTS: dict[str, Any] = {"threads": 0, "shards": 0, "workers": 0}
+SHARDED = "bundle, fused TAPF kernel, service defaults (candidate shards × 1 thread)"
 D_MODEL = 64
 SEQ_LEN = 100
 USERS = 200
@@ -245,13 +248,16 @@ def bench_http_score(candidate_counts: tuple[int, ...] = (100, 500, 1000), durat
 
 def bench_http_paths(candidates: int = 500, duration_s: float = 6.0) -> str:
     env = bench_env()
-    ways = [("torch eager (same FastAPI app)", "torch", True),
-            ("naive per-candidate ONNX (U = N sequences)", "per-candidate", True),
-            ("bundle, ONNX function fallback (kernel off)", "onnx", False),
-            ("bundle, fused TAPF kernel", "onnx", True)]
+    ways: list[tuple[str, str, bool, dict[str, Any]]] = [
+        ("torch eager (same FastAPI app)", "torch", True, {}),
+        ("naive per-candidate ONNX (U = N sequences)", "per-candidate", True, {}),
+        ("bundle, ONNX function fallback (kernel off)", "onnx", False, {}),
+        ("bundle, fused TAPF kernel", "onnx", True, {}),
+        (SHARDED, "onnx", True, SERVICE_DEFAULTS),
+    ]
     results: dict[str, dict[str, Any]] = {}
-    for name, backend, kernel in ways:
-        with bench_server(env, backend=backend, kernel=kernel) as url:
+    for name, backend, kernel, knobs in ways:
+        with bench_server(env, backend=backend, kernel=kernel, **knobs) as url:
             closed = closed_loop(url, candidates=candidates)
             opened = load(url, rate=20, duration_s=duration_s, candidates=candidates, seed=7, timeout_s=3.0)
             results[name] = {"closed": closed, "open": opened}
@@ -268,7 +274,9 @@ def bench_http_paths(candidates: int = 500, duration_s: float = 6.0) -> str:
     return "\n".join([
         _header("The same model served four ways (HTTP)"),
         f"- OneTrans + TAPF, random weights, L={SEQ_LEN}, d={D_MODEL}, N={candidates} candidates per request, "
-        f"{THREADS} inference threads, same FastAPI app and Redis; only the inference backend differs",
+        f"{THREADS} inference threads, same FastAPI app and Redis; only the inference backend differs (the last row: "
+        "the service's default inference settings, `inference_threads=1` and `inference_shards=2` on 2 cores, i.e. "
+        "each request's candidates in 2 shards of one thread each; torch eager has no such mode here)",
         "- closed loop: 15 sequential requests (median end to end; server-side mean of the inference stage); "
         f"open loop: {duration_s:g} s of Poisson arrivals at 20 rps (3 s request timeout)",
         "- ratios: how many times slower than the bundle with the fused kernel\n",

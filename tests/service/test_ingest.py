@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,13 @@ def entry(user: str, item: str, ts: float, **extra: str) -> dict[str, str]:
     return {"user_id": user, "item_id": item, "timestamp": repr(ts), **extra}
 
 
-def ingester(settings: Any, stream: str, consumer: str, **kwargs: Any) -> tuple[StreamIngester, ServiceMetrics]:
+def ingester(settings: Any, stream: str, consumer: str, *, cls: type[StreamIngester] = StreamIngester,
+             block_ms: int = 50, **kwargs: Any) -> tuple[StreamIngester, ServiceMetrics]:
     store = open_store(settings)
     metrics = ServiceMetrics()
     writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity), metrics=metrics)
-    return StreamIngester(redis=store.redis, writer=writer, metrics=metrics, stream=stream, group="g",
-                          consumer=consumer, block_ms=50, **kwargs), metrics
+    return cls(redis=store.redis, writer=writer, metrics=metrics, stream=stream, group="g",
+               consumer=consumer, block_ms=block_ms, **kwargs), metrics
 
 
 @pytest.mark.asyncio
@@ -94,6 +96,110 @@ async def test_overlapped_batches_apply_in_stream_order(make_settings: SettingsF
         assert metrics.events.labels(event="click", outcome="accepted", source="stream")._value.get() == 9
         assert metrics.ingest_batches.labels(outcome="success")._value.get() == 5
         assert (await r.xpending(stream, "g"))["pending"] == 0
+    finally:
+        await r.delete(stream)
+        await r.aclose()
+
+
+@pytest.mark.asyncio
+async def test_poison_entries_inside_a_batch_are_rejected_alone(make_settings: SettingsFactory) -> None:
+    """One batch: valid entries around two that are not events (a text timestamp fails the batch's one
+    validation call; bytes that are not UTF-8 fail before it). The others are written in stream order,
+    the two rejected, and all six acknowledged."""
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    ing, metrics = ingester(settings, stream, "c1", batch_size=6)
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        await r.xadd(stream, entry("p", "a", T0 + 1, event="click"))
+        await r.xadd(stream, entry("p", "b", T0 + 2, event="skip"))
+        bad_ts = await r.xadd(stream, {"user_id": "p", "item_id": "x", "timestamp": "soon", "event": "click"})
+        await r.xadd(stream, entry("p", "c", T0 + 3, event="like"))
+        bad_utf8 = await r.xadd(stream, {"user_id": b"\xff\xfe", "item_id": "y", "timestamp": repr(T0),
+                                          "event": "click"})
+        await r.xadd(stream, entry("p", "d", T0 + 4, event="click"))
+        assert await ing.run(stop=asyncio.Event(), until_idle=True) == 6
+        history = await ing.writer.store.read("p")
+        assert history.positives.item_ids == ["a", "c", "d"]
+        assert history.negatives.item_ids == ["b"]
+        assert metrics.events.labels(event="unknown", outcome="rejected", source="stream")._value.get() == 2
+        assert metrics.ingest_batches.labels(outcome="success")._value.get() == 1  # one batch, no retry
+        assert (await r.xpending(stream, "g"))["pending"] == 0
+        assert await ing.lag() == 0
+        # Acknowledged, not merely skipped: a fresh read of the group's pending list finds neither.
+        pending = await r.xpending_range(stream, "g", min="-", max="+", count=10)
+        assert {p["message_id"] for p in pending}.isdisjoint({bad_ts, bad_utf8})
+    finally:
+        await r.delete(stream)
+        await r.aclose()
+
+
+class _WatchingIngester(StreamIngester):
+    """Before preparing batch j, waits (holding the event loop, as `prepare` does) for batch j-1, whose
+    write is in flight, to show in Redis: it can only if the write left this process before `prepare`."""
+
+    seen_before_prepare: list[bool]
+    check: Any  # synchronous client
+
+    def prepare(self, entries: list[tuple[str, dict[Any, Any] | None]]) -> Any:
+        user = next(f[b"user_id"].decode() for _, f in entries if f)
+        j = int(user.removeprefix("ov"))
+        if j > 0:
+            key = self.writer.store.keys(f"ov{j - 1}")["pos"]
+            deadline = time.monotonic() + 2.0
+            while self.check.zcard(key) < len(entries) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            self.seen_before_prepare.append(self.check.zcard(key) == len(entries))
+        return super().prepare(entries)
+
+
+@pytest.mark.asyncio
+async def test_a_batch_is_written_while_the_next_one_is_prepared(make_settings: SettingsFactory) -> None:
+    """The overlap the consumer's throughput rests on: batch j-1's write reaches Redis before batch j's
+    CPU-bound prepare starts, not after it (then Redis and the consumer would only take turns)."""
+    import redis as sync_redis
+
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    ing, _ = ingester(settings, stream, "c1", cls=_WatchingIngester, batch_size=3)
+    assert isinstance(ing, _WatchingIngester)
+    ing.seen_before_prepare = []
+    ing.check = sync_redis.Redis.from_url(settings.redis_url)
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        for j in range(5):
+            for k in range(3):
+                await r.xadd(stream, entry(f"ov{j}", f"i{k}", T0 + k, event="click"))
+        assert await ing.run(stop=asyncio.Event(), until_idle=True) == 15
+        # The first write may still be opening its pooled connection (round trips of its own) when
+        # batch 1 is prepared; every later one must be in Redis by then.
+        assert len(ing.seen_before_prepare) == 4 and all(ing.seen_before_prepare[1:]), ing.seen_before_prepare
+        assert (await r.xpending(stream, "g"))["pending"] == 0
+    finally:
+        ing.check.close()
+        await r.delete(stream)
+        await r.aclose()
+
+
+@pytest.mark.asyncio
+async def test_until_idle_stops_once_drained_without_a_blocking_read(make_settings: SettingsFactory) -> None:
+    """With until_idle, an empty read after the last write ends the run at once (the group checked
+    empty), rather than after one more read blocked for block_ms."""
+    settings = make_settings(redis_timeout_ms=5000)
+    stream = f"{settings.key_prefix}:stream"
+    ing, _ = ingester(settings, stream, "c1", batch_size=4, block_ms=2000)
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        for k in range(10):
+            await r.xadd(stream, entry("q", f"i{k}", T0 + k, event="click"))
+        t0 = time.monotonic()
+        assert await ing.run(stop=asyncio.Event(), until_idle=True) == 10
+        assert time.monotonic() - t0 < 1.0
+        assert (await ing.writer.store.read("q")).positives.item_ids == [f"i{k}" for k in range(10)]
+        assert await ing.lag() == 0
     finally:
         await r.delete(stream)
         await r.aclose()
