@@ -152,7 +152,7 @@ def _serving_bench(name: str) -> Callable[[], str]:
 
 # /v1/score latency and capacity, four serving paths, cost growth, ingest throughput (one shared
 # redis-server + random OneTrans bundle per process; a few minutes together).
-BENCHES.update({name: _serving_bench(name) for name in ("http_score", "http_paths", "cost", "ingest")})
+BENCHES.update({name: _serving_bench(name) for name in ("http_score", "http_paths", "cost", "ingest", "idle_gap")})
 
 
 def bench_placement() -> str:

@@ -9,11 +9,13 @@ whole, independent graph run, so the shards meet once at the end instead of at e
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -117,9 +119,23 @@ class OnnxBackend:
         if parts <= 1 or self._shard_pool is None:
             return self._run_whole(inputs)
         first, *rest = split_candidates(inputs, parts)
-        futures = [self._shard_pool.submit(self._run_whole, feed) for feed in rest]
+        here = current_cpu()
+        futures = [self._shard_pool.submit(self._run_elsewhere, feed, here) for feed in rest]
         results = [self._run_whole(first)] + [f.result() for f in futures]
         return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+
+    def _run_elsewhere(self, inputs: dict[str, np.ndarray], avoid: int | None) -> dict[str, np.ndarray]:
+        """A shard on a core other than `avoid` (the caller's, which runs the first shard). A pool thread
+        woken after an idle spell may otherwise start on the caller's core and share it until the kernel
+        moves it: measured (BENCHMARKS.md "Inference time after idle gaps") up to twice a shard's time."""
+        others = _CPUS - {avoid} if avoid is not None else set()
+        if not others:
+            return self._run_whole(inputs)
+        os.sched_setaffinity(0, others)
+        try:
+            return self._run_whole(inputs)
+        finally:
+            os.sched_setaffinity(0, _CPUS)
 
     def _run_whole(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, inputs)
@@ -128,6 +144,29 @@ class OnnxBackend:
         if ATTENTION_NAME in out:
             result["attention"] = np.asarray(out[ATTENTION_NAME], dtype=np.float32)
         return result
+
+
+_CPUS: set[int] = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
+def _libc_sched_getcpu() -> Callable[[], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (AttributeError, OSError):  # not glibc/Linux
+        return None
+    fn.restype = ctypes.c_int
+    return cast(Callable[[], int], fn)
+
+
+_SCHED_GETCPU = _libc_sched_getcpu() if len(_CPUS) > 1 else None
+
+
+def current_cpu() -> int | None:
+    """The core this thread runs on (Linux), else None."""
+    if _SCHED_GETCPU is None:
+        return None
+    cpu = _SCHED_GETCPU()
+    return cpu if cpu >= 0 else None
 
 
 def split_candidates(inputs: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:

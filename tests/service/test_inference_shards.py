@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from export.bundle import load_manifest
 from model.batch import INPUT_NAMES
-from service.inference import OnnxBackend, inference_shards, split_candidates
+from service.inference import OnnxBackend, current_cpu, inference_shards, split_candidates
 from service.settings import Settings
 
 
@@ -77,3 +78,25 @@ def test_default_shards_fill_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert inference_shards(Settings(), 2) == 4
     assert inference_shards(Settings(inference_shards=1), 1) == 1
     assert inference_shards(Settings(inference_shards=3), 2) == 3
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_shard_runs_off_the_callers_core(tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = OnnxBackend(load_manifest(tiny_bundle.bundle), device="cpu", intra_op_threads=1, shards=2,
+                          shard_min_candidates=1)
+    seen: list[set[int]] = []
+    whole = backend._run_whole
+
+    def recording(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(os.sched_getaffinity(0))
+        return whole(inputs)
+
+    monkeypatch.setattr(backend, "_run_whole", recording)
+    before = os.sched_getaffinity(0)
+    here = current_cpu()
+    assert here is not None and here in before
+    x = _inputs(users=2, per_user=3, seq_len=load_manifest(tiny_bundle.bundle).feature_spec.sequence.seq_len,
+                n_items=50)
+    backend._run_elsewhere(x, here)
+    assert seen == [before - {here}]  # the shard may run anywhere but the caller's core
+    assert os.sched_getaffinity(0) == before  # and the thread gets every core back
