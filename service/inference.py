@@ -12,9 +12,11 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
@@ -77,7 +79,7 @@ class OnnxBackend:
 
         providers = choose_providers(device)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = intra_op_threads or available_cores()
         options.inter_op_num_threads = 1
         # Spinning pool threads busy-wait for the next parallel section and keep spinning after a run:
         # on a few shared cores that CPU is taken from the event loop, Redis and the next request.
@@ -161,6 +163,19 @@ def _libc_sched_getcpu() -> Callable[[], int] | None:
 _SCHED_GETCPU = _libc_sched_getcpu() if len(_CPUS) > 1 else None
 
 
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (`cpu.max`, e.g. a
+    Kubernetes CPU limit), which `os.cpu_count()` ignores: it reports the whole node's cores."""
+    cores = len(_CPUS) or (os.cpu_count() or 1)
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit visible: the affinity stands
+    return cores
+
+
 def current_cpu() -> int | None:
     """The core this thread runs on (Linux), else None."""
     if _SCHED_GETCPU is None:
@@ -191,19 +206,19 @@ def onnx_backend_factory(manifest: Manifest, settings: Settings) -> InferenceBac
     return OnnxBackend(manifest, device=settings.device, intra_op_threads=threads,
                        spinning=settings.inference_spinning, shards=inference_shards(settings, threads),
                        shard_min_candidates=settings.inference_shard_min_candidates,
-                       concurrent_calls=settings.inference_workers or (os.cpu_count() or 1))
+                       concurrent_calls=settings.inference_workers or available_cores())
 
 
 def inference_shards(settings: Settings, threads: int) -> int:
     """settings.inference_shards, else as many shards as the cores hold at `threads` threads each."""
     if settings.inference_shards:
         return settings.inference_shards
-    return max(1, (os.cpu_count() or 1) // threads)
+    return max(1, available_cores() // threads)
 
 
 def intra_op_threads(settings: Settings) -> int:
     """settings.inference_threads, else the cores shared out over the inference workers (no oversubscription)."""
     if settings.inference_threads:
         return settings.inference_threads
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     return max(1, cores // (settings.inference_workers or cores))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from export.bundle import load_manifest
 from model.batch import INPUT_NAMES
-from service.inference import OnnxBackend, current_cpu, inference_shards, split_candidates
+from service.inference import OnnxBackend, available_cores, current_cpu, inference_shards, split_candidates
 from service.settings import Settings
 
 
@@ -73,7 +74,7 @@ def test_sharded_run_equals_the_whole_run(tiny_bundle: Any, users: int, per_user
 
 
 def test_default_shards_fill_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("service.inference.available_cores", lambda: 8)
     assert inference_shards(Settings(), 1) == 8
     assert inference_shards(Settings(), 2) == 4
     assert inference_shards(Settings(inference_shards=1), 1) == 1
@@ -100,3 +101,14 @@ def test_a_shard_runs_off_the_callers_core(tiny_bundle: Any, monkeypatch: pytest
     backend._run_elsewhere(x, here)
     assert seen == [before - {here}]  # the shard may run anywhere but the caller's core
     assert os.sched_getaffinity(0) == before  # and the thread gets every core back
+
+
+def test_available_cores_honours_a_cgroup_cpu_limit(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cores(tmp_path) == affinity  # no cpu.max: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(tmp_path) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # a 1.5-CPU limit -> 2 cores' worth of threads
+    assert available_cores(tmp_path) == min(affinity, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cores(tmp_path) == 1
