@@ -117,6 +117,7 @@ class StreamIngester:
         self._read_own_pending = True  # after start or a failed write: re-read our own pending entries first
         self._pending_cursor = "0"  # own pending entries after this id are re-read next
         self._claim_cursor = "0-0"
+        self._in_flight: list[asyncio.Task[Any]] = []  # run's read and write tasks of the current step
         self._claim_every_s = max(claim_idle_ms / 2000.0, 0.05)  # XAUTOCLAIM scans at most this often
         self._last_claim = -float("inf")
 
@@ -271,6 +272,21 @@ class StreamIngester:
                             type(exc).__name__, self.retry_backoff_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.retry_backoff_s)
+        try:
+            return await self._consume(stop, until_idle=until_idle, lag_every_s=lag_every_s)
+        finally:
+            # Cancelled (or failed unexpectedly) with a read or write in flight: stop those too rather than
+            # leave them running unowned. A write cut short is not acknowledged, so it is redelivered and
+            # its events apply once (their ids).
+            for task in self._in_flight:
+                task.cancel()
+            for task in self._in_flight:
+                with contextlib.suppress(BaseException):
+                    await task
+            self._in_flight = []
+
+    async def _consume(self, stop: asyncio.Event, *, until_idle: bool, lag_every_s: float) -> int:
+        """The loop of `run` (see there); its read and write tasks are kept in `_in_flight`."""
         applied = 0
         last_lag = 0.0
         ready: tuple[list[tuple[str, dict[Any, Any] | None]], PreparedBatch] | None = None  # prepared, not sent
@@ -289,6 +305,7 @@ class StreamIngester:
                     # Redis and this loop would take turns (measured: ~40k instead of ~58k events/s).
                     reading = asyncio.create_task(self.next_batch(block=False))
                     writing = asyncio.create_task(self._write_and_ack(*ready))
+                    self._in_flight = [reading, writing]
                     ready = None
                     entries = await reading
                 prepared = self.prepare(entries) if entries else None
@@ -296,6 +313,7 @@ class StreamIngester:
                 if writing is not None:
                     task, writing = writing, None
                     applied += (await self._settle(task)).entries
+                    self._in_flight = []
                 if prepared is not None:
                     ready = (entries, prepared)
                 idle = not entries and not wrote
@@ -312,6 +330,7 @@ class StreamIngester:
                     task, writing = writing, None
                     with contextlib.suppress(*_RETRYABLE):
                         applied += (await self._settle(task)).entries
+                self._in_flight = []
                 # A batch read but not written stays pending: it is read again from our pending list.
                 ready = None
                 self._reread_own_pending()

@@ -323,3 +323,66 @@ def test_ingest_cli_until_idle(make_settings: SettingsFactory) -> None:
     finally:
         r.delete(stream)
         r.close()
+
+
+class _StallingIngester(StreamIngester):
+    """After its first write, the next write and the read sent beside it hang (a Redis that stopped
+    answering) until cancelled: `run` is then waiting on the read with the write in flight."""
+
+    write_started: asyncio.Event
+    write_cancelled: bool = False
+
+    async def _write_and_ack(self, entries: Any, prepared: Any) -> Any:
+        if self.write_started.is_set():  # first write done: the second one stalls
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.write_cancelled = True
+                raise
+        outcome = await super()._write_and_ack(entries, prepared)
+        self.write_started.set()
+        return outcome
+
+    async def next_batch(self, *, block: bool = True) -> Any:
+        if self.write_started.is_set() and not block:
+            await asyncio.Event().wait()
+        return await super().next_batch(block=block)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_run_leaves_no_write_running_and_its_batch_is_redelivered(
+        make_settings: SettingsFactory) -> None:
+    """Cancelling `run` with a write in flight cancels that write too (no task left behind, nothing
+    acknowledged); a restarted consumer of the same name re-reads the batch and applies it once."""
+    settings = make_settings()
+    stream = f"{settings.key_prefix}:stream"
+    ing, _ = ingester(settings, stream, "c1", cls=_StallingIngester, batch_size=2)
+    assert isinstance(ing, _StallingIngester)
+    ing.write_started = asyncio.Event()
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        for k in range(6):
+            await r.xadd(stream, entry("cx", f"i{k}", T0 + k, event="click"))
+        before = set(asyncio.all_tasks())
+        task = asyncio.create_task(ing.run(stop=asyncio.Event()))
+        await asyncio.wait_for(ing.write_started.wait(), 5)
+        await asyncio.sleep(0.2)  # the second write and the read beside it are now stalled
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert ing.write_cancelled
+        assert set(asyncio.all_tasks()) == before  # no read or write task left running
+        assert (await r.xpending(stream, "g"))["pending"] > 0  # the stalled batch was never acknowledged
+
+        again, _ = ingester(settings, stream, "c1")
+        try:
+            await again.run(stop=asyncio.Event(), until_idle=True)
+            history = await again.writer.store.read("cx")
+            assert history.positives.item_ids == [f"i{k}" for k in range(6)]  # each event once, in order
+            assert (await r.xpending(stream, "g"))["pending"] == 0
+        finally:
+            await again.redis.aclose()
+    finally:
+        await r.delete(stream)
+        await r.aclose()
