@@ -8,8 +8,11 @@ read, the sequence builder and inference.
 
 - `http_score`: /v1/score at N in {100, 500, 1000}: p50/p99 at 20 rps, and the highest rate tried
   whose p99 stays under 50 ms (a doubling ladder, then bisection);
-- `http_paths`: the same model served four ways in the same app (torch eager, naive per-candidate
-  ONNX, the bundle without and with the fused TAPF kernel) at N=500;
+- `http_paths`: the same model served six ways in the same app (torch eager, naive per-candidate
+  ONNX, the bundle without and with the fused TAPF kernel, on 2 intra-op threads; torch eager and the
+  bundle again as the service runs by default, in candidate shards of 1 thread) at N=500;
+- `idle_gap`: the bundle's session alone, timed after idle gaps of 0 to 50 ms, with and without
+  background busy loops that keep the cores from idling;
 - `cost`: latency vs N and vs L (PNG), FLOPs per request against the measured GEMM peak;
 - `ingest`: events/s through /v1/events, through the stream consumer, and a raw redis-py pipeline.
 
@@ -46,6 +49,7 @@ THREADS = 2
 # The service's own defaults on this machine (0 = derived from the cores; see service.inference).
 SERVICE_DEFAULTS: dict[str, Any] = {"threads": 0, "shards": 0, "workers": 0}
 SHARDED = "bundle, fused TAPF kernel, service defaults (candidate shards × 1 thread)"
+TORCH_SHARDED = "torch eager, service defaults (candidate shards × 1 thread)"
 D_MODEL = 64
 SEQ_LEN = 100
 USERS = 200
@@ -251,6 +255,7 @@ def bench_http_paths(candidates: int = 500, duration_s: float = 6.0) -> str:
     env = bench_env()
     ways: list[tuple[str, str, bool, dict[str, Any]]] = [
         ("torch eager (same FastAPI app)", "torch", True, {}),
+        (TORCH_SHARDED, "torch", True, SERVICE_DEFAULTS),
         ("naive per-candidate ONNX (U = N sequences)", "per-candidate", True, {}),
         ("bundle, ONNX function fallback (kernel off)", "onnx", False, {}),
         ("bundle, fused TAPF kernel", "onnx", True, {}),
@@ -273,11 +278,11 @@ def bench_http_paths(candidates: int = 500, duration_s: float = 6.0) -> str:
                     f"{_fmt(ratio_inf)}× | {_fmt(o['p50_ms'], 2)} | {_fmt(o['p99_ms'], 2)} | "
                     f"{o['achieved_rps']:.1f} | {o['error_count']} |")
     return "\n".join([
-        _header("The same model served four ways (HTTP)"),
+        _header("The same model served six ways (HTTP)"),
         f"- OneTrans + TAPF, random weights, L={SEQ_LEN}, d={D_MODEL}, N={candidates} candidates per request, "
         f"{THREADS} inference threads, same FastAPI app and Redis; only the inference backend differs (the last row: "
         "the service's default inference settings, `inference_threads=1` and `inference_shards=2` on 2 cores, i.e. "
-        "each request's candidates in 2 shards of one thread each; torch eager has no such mode here)",
+        "each request's candidates in 2 shards of one thread each; the second torch row runs torch the same way)",
         "- closed loop: 15 sequential requests (median end to end; server-side mean of the inference stage); "
         f"open loop: {duration_s:g} s of Poisson arrivals at 20 rps (3 s request timeout)",
         "- ratios: how many times slower than the bundle with the fused kernel\n",
@@ -285,8 +290,21 @@ def bench_http_paths(candidates: int = 500, duration_s: float = 6.0) -> str:
         "| p99 ms @20 rps | achieved rps | errors |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        *(_like_for_like(results, torch_name, bundle_name, how) for how, torch_name, bundle_name in (
+            ("2 intra-op threads each", "torch eager (same FastAPI app)", "bundle, fused TAPF kernel"),
+            ("candidate shards × 1 thread each", TORCH_SHARDED, SHARDED))),
         "\nTarget: the bundle ≥ 4× faster than torch eager.",
     ]) + "\n"
+
+
+def _like_for_like(results: dict[str, dict[str, Any]], torch_name: str, bundle_name: str, how: str) -> str:
+    """One line: torch eager over the bundle, both served the same way."""
+    t, b = results[torch_name]["closed"], results[bundle_name]["closed"]
+    inf = (t["inference_mean_ms"] / b["inference_mean_ms"]) if t["inference_mean_ms"] and b["inference_mean_ms"] \
+        else None
+    return (f"- like for like ({how}): torch eager takes {t['median_ms'] / b['median_ms']:.1f}× the bundle's time "
+            f"end to end, {_fmt(inf)}× on inference")
 
 
 def tapf_gate_flops(tokens: Any, polarity: Any, cand: Any, cand_user: Any, *rest: Any, **kw: Any) -> int:

@@ -27,15 +27,24 @@ class TorchBackend:
     provider = "torch-eager-cpu"
     kernel = "torch"
 
-    def __init__(self, model: torch.nn.Module, *, threads: int = 0, attention: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, *, threads: int = 0, attention: bool = False, shards: int = 1,
+                 shard_min_candidates: int = 128, concurrent_calls: int = 1) -> None:
+        """`shards` > 1: a call's candidates as independent calls at once, as the ONNX backend does
+        (`service.inference.CandidateShards`), each on `threads` torch threads (process-wide)."""
         from export.onnx_export import ServingModel
+        from service.inference import CandidateShards
 
         if threads:
             torch.set_num_threads(threads)
         # Same outputs as the bundle: with an attention output there, torch computes it too.
         self.served = ServingModel.from_trained(model, attention=attention).eval()
+        self.sharder = CandidateShards(shards=shards, min_candidates=shard_min_candidates,
+                                       concurrent_calls=concurrent_calls)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.sharder.run(self._run_whole, inputs)
+
+    def _run_whole(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in INPUT_NAMES}
         with torch.inference_mode():
             out = self.served(**tensors)
@@ -60,7 +69,12 @@ def torch_backend_factory(run_dir: Path | str, *, threads: int = 0) -> Callable[
         theirs = (manifest.data["model"]["arch"], manifest.data["model"]["seq_len"], manifest.data["model"]["d_model"])
         if mine != theirs:
             raise ValueError(f"run {run_dir} is (arch, L, d)={mine} but the bundle is {theirs}")
-        return TorchBackend(run.model, threads=threads or int(getattr(settings, "inference_threads", 0) or 0),
-                            attention=manifest.has_attention)
+        from service.inference import available_cores, inference_shards, intra_op_threads
+
+        n_threads = threads or intra_op_threads(settings)
+        return TorchBackend(run.model, threads=n_threads, attention=manifest.has_attention,
+                            shards=inference_shards(settings, n_threads),
+                            shard_min_candidates=settings.inference_shard_min_candidates,
+                            concurrent_calls=settings.inference_workers or available_cores())
 
     return factory

@@ -107,37 +107,18 @@ class OnnxBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         if OUTPUT_NAME not in self.output_names:
             raise StartupError(f"{manifest.model_path}: graph has no {OUTPUT_NAME!r} output ({self.output_names})")
-        # A GPU wants one large batch; CPU shards run on their own threads, the caller's running the first.
-        self.shards = max(1, shards) if self.provider == CPU else 1
-        self.shard_min_candidates = max(1, shard_min_candidates)
-        self._shard_pool = (ThreadPoolExecutor(max_workers=(self.shards - 1) * max(1, concurrent_calls),
-                                               thread_name_prefix="polarity-shard") if self.shards > 1 else None)
+        # A GPU wants one large batch; on CPU a call's candidates may run as shards.
+        self.sharder = CandidateShards(shards=shards if self.provider == CPU else 1,
+                                       min_candidates=shard_min_candidates, concurrent_calls=concurrent_calls)
         log.info("ONNX Runtime session: provider=%s (requested %s), kernel=%s, threads=%d, spinning=%s, shards=%d",
-                 self.provider, device, self.kernel, options.intra_op_num_threads, spinning, self.shards)
+                 self.provider, device, self.kernel, options.intra_op_num_threads, spinning, self.sharder.shards)
+
+    @property
+    def shards(self) -> int:
+        return self.sharder.shards
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(inputs["cand_user"])
-        parts = min(self.shards, n // self.shard_min_candidates)
-        if parts <= 1 or self._shard_pool is None:
-            return self._run_whole(inputs)
-        first, *rest = split_candidates(inputs, parts)
-        here = current_cpu()
-        futures = [self._shard_pool.submit(self._run_elsewhere, feed, here) for feed in rest]
-        results = [self._run_whole(first)] + [f.result() for f in futures]
-        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
-
-    def _run_elsewhere(self, inputs: dict[str, np.ndarray], avoid: int | None) -> dict[str, np.ndarray]:
-        """A shard on a core other than `avoid` (the caller's, which runs the first shard). A pool thread
-        woken after an idle spell may otherwise start on the caller's core and share it until the kernel
-        moves it: measured (BENCHMARKS.md "Inference time after idle gaps") up to twice a shard's time."""
-        others = _CPUS - {avoid} if avoid is not None else set()
-        if not others:
-            return self._run_whole(inputs)
-        os.sched_setaffinity(0, others)
-        try:
-            return self._run_whole(inputs)
-        finally:
-            os.sched_setaffinity(0, _CPUS)
+        return self.sharder.run(self._run_whole, inputs)
 
     def _run_whole(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, inputs)
@@ -146,6 +127,47 @@ class OnnxBackend:
         if ATTENTION_NAME in out:
             result["attention"] = np.asarray(out[ATTENTION_NAME], dtype=np.float32)
         return result
+
+
+Outputs = dict[str, np.ndarray]
+
+
+class CandidateShards:
+    """Runs a scoring function over a call's candidates as up to `shards` independent calls at once
+    (`split_candidates`), each at least `min_candidates` long; the caller's thread runs the first, a pool
+    the others, off the caller's core. Any backend whose `run` scores candidates independently can use it."""
+
+    def __init__(self, *, shards: int, min_candidates: int, concurrent_calls: int) -> None:
+        self.shards = max(1, shards)
+        self.min_candidates = max(1, min_candidates)
+        # Enough threads that the shards of `concurrent_calls` calls never wait for one another.
+        self._pool = (ThreadPoolExecutor(max_workers=(self.shards - 1) * max(1, concurrent_calls),
+                                         thread_name_prefix="polarity-shard") if self.shards > 1 else None)
+
+    def run(self, fn: Callable[[dict[str, np.ndarray]], Outputs], inputs: dict[str, np.ndarray]) -> Outputs:
+        parts = min(self.shards, len(inputs["cand_user"]) // self.min_candidates)
+        if parts <= 1 or self._pool is None:
+            return fn(inputs)
+        first, *rest = split_candidates(inputs, parts)
+        here = current_cpu()
+        futures = [self._pool.submit(self.run_elsewhere, fn, feed, here) for feed in rest]
+        results = [fn(first)] + [f.result() for f in futures]
+        return {key: np.concatenate([r[key] for r in results]) for key in results[0]}
+
+    @staticmethod
+    def run_elsewhere(fn: Callable[[dict[str, np.ndarray]], Outputs], inputs: dict[str, np.ndarray],
+                      avoid: int | None) -> Outputs:
+        """`fn(inputs)` on a core other than `avoid` (the caller's, which runs the first shard). A pool thread
+        woken after an idle spell may otherwise start on the caller's core and share it until the kernel
+        moves it: measured (BENCHMARKS.md "Inference time after idle gaps") up to twice a shard's time."""
+        others = _CPUS - {avoid} if avoid is not None else set()
+        if not others:
+            return fn(inputs)
+        os.sched_setaffinity(0, others)
+        try:
+            return fn(inputs)
+        finally:
+            os.sched_setaffinity(0, _CPUS)
 
 
 _CPUS: set[int] = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()

@@ -1,5 +1,5 @@
-"""The benchmark backends serve the same model as the bundle: torch eager and the naive
-per-candidate feed give the ONNX scores, through the real app."""
+"""The benchmark backends serve the same model as the bundle: torch eager (candidate shards, as the
+ONNX backend) and the naive per-candidate feed give the ONNX scores, through the real app."""
 
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ def test_torch_and_per_candidate_backends_score_like_onnx(tiny_bundle, redis_url
     results = {}
     for name, factory in (("onnx", None), ("torch", torch_backend_factory(tiny_bundle.run_dir, threads=1)),
                           ("per-candidate", lambda m, s: PerCandidateBackend(m, s, run_dir=tiny_bundle.run_dir))):
+        # 41 candidates in 2 shards of >= 8 for the ONNX and torch backends (the naive one never shards).
         settings = Settings(bundle=tiny_bundle.bundle, redis_url=redis_url, key_prefix=f"be-{uuid.uuid4().hex[:8]}",
-                            inference_threads=1)
+                            inference_threads=1, inference_shards=2, inference_shard_min_candidates=8)
         results[name], _ = _scores(create_app(settings, backend_factory=factory), "u-backend", items)
     onnx = np.asarray(results["onnx"])
     assert onnx.std() > 0 and len(onnx) == len(items)

@@ -82,23 +82,22 @@ def test_default_shards_fill_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_a_shard_runs_off_the_callers_core(tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_shard_runs_off_the_callers_core(tiny_bundle: Any) -> None:
     backend = OnnxBackend(load_manifest(tiny_bundle.bundle), device="cpu", intra_op_threads=1, shards=2,
                           shard_min_candidates=1)
     seen: list[set[int]] = []
-    whole = backend._run_whole
 
     def recording(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         seen.append(os.sched_getaffinity(0))
-        return whole(inputs)
+        return backend._run_whole(inputs)
 
-    monkeypatch.setattr(backend, "_run_whole", recording)
     before = os.sched_getaffinity(0)
     here = current_cpu()
     assert here is not None and here in before
     x = _inputs(users=2, per_user=3, seq_len=load_manifest(tiny_bundle.bundle).feature_spec.sequence.seq_len,
                 n_items=50)
-    backend._run_elsewhere(x, here)
+    out = backend.sharder.run_elsewhere(recording, x, here)
+    np.testing.assert_allclose(out["probs"], backend.run(x)["probs"], rtol=0, atol=1e-6)
     assert seen == [before - {here}]  # the shard may run anywhere but the caller's core
     assert os.sched_getaffinity(0) == before  # and the thread gets every core back
 
