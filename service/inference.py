@@ -9,6 +9,7 @@ whole, independent graph run, so the shards meet once at the end instead of at e
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import logging
@@ -161,13 +162,17 @@ class CandidateShards:
         woken after an idle spell may otherwise start on the caller's core and share it until the kernel
         moves it: measured (BENCHMARKS.md "Inference time after idle gaps") up to twice a shard's time."""
         others = _CPUS - {avoid} if avoid is not None else set()
-        if not others:
-            return fn(inputs)
-        os.sched_setaffinity(0, others)
+        try:
+            if others:
+                os.sched_setaffinity(0, others)
+        except OSError:  # the allowed cores changed under the process (cpuset update): run where we are
+            others = set()
         try:
             return fn(inputs)
         finally:
-            os.sched_setaffinity(0, _CPUS)
+            if others:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(0, _CPUS)
 
 
 _CPUS: set[int] = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()

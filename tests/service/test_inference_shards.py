@@ -11,7 +11,14 @@ import pytest
 
 from export.bundle import load_manifest
 from model.batch import INPUT_NAMES
-from service.inference import OnnxBackend, available_cores, current_cpu, inference_shards, split_candidates
+from service.inference import (
+    CandidateShards,
+    OnnxBackend,
+    available_cores,
+    current_cpu,
+    inference_shards,
+    split_candidates,
+)
 from service.settings import Settings
 
 
@@ -111,3 +118,13 @@ def test_available_cores_honours_a_cgroup_cpu_limit(tmp_path: Path) -> None:
     assert available_cores(tmp_path) == min(affinity, 2)
     (tmp_path / "cpu.max").write_text("50000 100000\n")
     assert available_cores(tmp_path) == 1
+
+
+def test_a_shard_still_runs_when_its_core_cannot_be_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sched_setaffinity refused (the process's cpuset changed since start): the shard runs where it is."""
+    def refuse(pid: int, cpus: Any) -> None:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert CandidateShards.run_elsewhere(lambda x: {"probs": x["cand_user"] * 2.0}, {"cand_user": np.arange(3)},
+                                         0)["probs"].tolist() == [0.0, 2.0, 4.0]
