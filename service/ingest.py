@@ -117,7 +117,6 @@ class StreamIngester:
         self._read_own_pending = True  # after start or a failed write: re-read our own pending entries first
         self._pending_cursor = "0"  # own pending entries after this id are re-read next
         self._claim_cursor = "0-0"
-        self._in_flight: list[asyncio.Task[Any]] = []  # run's read and write tasks of the current step
         self._claim_every_s = max(claim_idle_ms / 2000.0, 0.05)  # XAUTOCLAIM scans at most this often
         self._last_claim = -float("inf")
 
@@ -272,79 +271,74 @@ class StreamIngester:
                             type(exc).__name__, self.retry_backoff_s)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=self.retry_backoff_s)
+        applied = 0
+        last_lag = 0.0
+        ready: tuple[list[tuple[str, dict[Any, Any] | None]], PreparedBatch] | None = None  # prepared, not sent
+        reading: asyncio.Task[list[tuple[str, dict[Any, Any] | None]]] | None = None
+        writing: asyncio.Task[BatchOutcome] | None = None
         try:
-            return await self._consume(stop, until_idle=until_idle, lag_every_s=lag_every_s)
+            while not stop.is_set():
+                try:
+                    if ready is None:
+                        entries = await self.next_batch()
+                    else:
+                        # The read (not blocking: a batch is ready) is created first, so it reaches Redis
+                        # first, on a connection of its own, and is answered before the write runs; its
+                        # reply is then parsed and prepared while Redis runs the write. Awaiting the read
+                        # also gives the write the loop turns it needs to reach the socket (redis-py: two,
+                        # the task's first step and wait_for's task for the send). A `prepare` straight
+                        # after create_task would hold the write in this process until it is done, and
+                        # Redis and this loop would take turns (measured: ~40k instead of ~58k events/s).
+                        reading = asyncio.create_task(self.next_batch(block=False))
+                        writing = asyncio.create_task(self._write_and_ack(*ready))
+                        ready = None
+                        entries = await reading
+                    prepared = self.prepare(entries) if entries else None
+                    wrote = writing is not None
+                    if writing is not None:
+                        task, writing = writing, None
+                        applied += (await self._settle(task)).entries
+                    if prepared is not None:
+                        ready = (entries, prepared)
+                    idle = not entries and not wrote
+                    # With until_idle, a read that finds nothing after a write is checked at once: a
+                    # blocking read first would only wait block_ms (measured 50-150 ms for 50: Redis
+                    # times blocked reads out on its cron) before the same check.
+                    if idle or (until_idle and not entries) or time.monotonic() - last_lag > lag_every_s:
+                        last_lag = time.monotonic()
+                        remaining = await self.lag()
+                        if not entries and until_idle and remaining == 0:
+                            break
+                except _RETRYABLE as exc:
+                    if writing is not None:  # failed elsewhere with a write in flight: let that write end
+                        task, writing = writing, None
+                        with contextlib.suppress(*_RETRYABLE):
+                            applied += (await self._settle(task)).entries
+                    # A batch read but not written stays pending: it is read again from our pending list.
+                    ready = None
+                    self._reread_own_pending()
+                    # Counted, so an ingester cut off from Redis shows on dashboards, not only in its log.
+                    self.metrics.redis_errors.labels(operation="stream_ingest").inc()
+                    log.warning("stream %s: %s; retrying in %.1fs", self.stream, type(exc).__name__,
+                                self.retry_backoff_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=self.retry_backoff_s)
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        # The group vanished (Redis restarted without persistence, failover to a replica that
+                        # lacks it): recreate it rather than retry forever.
+                        log.warning("stream %s: group %s missing; recreating it", self.stream, self.group)
+                        with contextlib.suppress(*_RETRYABLE):
+                            await self.ensure_group()
         finally:
             # Cancelled (or failed unexpectedly) with a read or write in flight: stop those too rather than
             # leave them running unowned. A write cut short is not acknowledged, so it is redelivered and
             # its events apply once (their ids).
-            for task in self._in_flight:
-                task.cancel()
-            for task in self._in_flight:
+            in_flight: list[asyncio.Task[Any]] = [t for t in (reading, writing) if t is not None and not t.done()]
+            for pending in in_flight:
+                pending.cancel()
+            for pending in in_flight:
                 with contextlib.suppress(BaseException):
-                    await task
-            self._in_flight = []
-
-    async def _consume(self, stop: asyncio.Event, *, until_idle: bool, lag_every_s: float) -> int:
-        """The loop of `run` (see there); its read and write tasks are kept in `_in_flight`."""
-        applied = 0
-        last_lag = 0.0
-        ready: tuple[list[tuple[str, dict[Any, Any] | None]], PreparedBatch] | None = None  # prepared, not sent
-        writing: asyncio.Task[BatchOutcome] | None = None
-        while not stop.is_set():
-            try:
-                if ready is None:
-                    entries = await self.next_batch()
-                else:
-                    # The read (not blocking: a batch is ready) is created first, so it reaches Redis
-                    # first, on a connection of its own, and is answered before the write runs; its
-                    # reply is then parsed and prepared while Redis runs the write. Awaiting the read
-                    # also gives the write the loop turns it needs to reach the socket (redis-py: two,
-                    # the task's first step and wait_for's task for the send). A `prepare` straight
-                    # after create_task would hold the write in this process until it is done, and
-                    # Redis and this loop would take turns (measured: ~40k instead of ~58k events/s).
-                    reading = asyncio.create_task(self.next_batch(block=False))
-                    writing = asyncio.create_task(self._write_and_ack(*ready))
-                    self._in_flight = [reading, writing]
-                    ready = None
-                    entries = await reading
-                prepared = self.prepare(entries) if entries else None
-                wrote = writing is not None
-                if writing is not None:
-                    task, writing = writing, None
-                    applied += (await self._settle(task)).entries
-                    self._in_flight = []
-                if prepared is not None:
-                    ready = (entries, prepared)
-                idle = not entries and not wrote
-                # With until_idle, a read that finds nothing after a write is checked at once: a
-                # blocking read first would only wait block_ms (measured 50-150 ms for 50: Redis
-                # times blocked reads out on its cron) before the same check.
-                if idle or (until_idle and not entries) or time.monotonic() - last_lag > lag_every_s:
-                    last_lag = time.monotonic()
-                    remaining = await self.lag()
-                    if not entries and until_idle and remaining == 0:
-                        break
-            except _RETRYABLE as exc:
-                if writing is not None:  # failed elsewhere with a write in flight: let that write end
-                    task, writing = writing, None
-                    with contextlib.suppress(*_RETRYABLE):
-                        applied += (await self._settle(task)).entries
-                self._in_flight = []
-                # A batch read but not written stays pending: it is read again from our pending list.
-                ready = None
-                self._reread_own_pending()
-                # Counted, so an ingester cut off from Redis shows on dashboards, not only in its log.
-                self.metrics.redis_errors.labels(operation="stream_ingest").inc()
-                log.warning("stream %s: %s; retrying in %.1fs", self.stream, type(exc).__name__, self.retry_backoff_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self.retry_backoff_s)
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
-                    # The group vanished (Redis restarted without persistence, failover to a replica that
-                    # lacks it): recreate it rather than retry forever.
-                    log.warning("stream %s: group %s missing; recreating it", self.stream, self.group)
-                    with contextlib.suppress(*_RETRYABLE):
-                        await self.ensure_group()
+                    await pending
         if ready is not None:  # stopped with a batch read: write and acknowledge it rather than leave it pending
             with contextlib.suppress(*_RETRYABLE):
                 applied += (await self._settle(self._write_and_ack(*ready))).entries
