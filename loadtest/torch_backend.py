@@ -69,12 +69,12 @@ def torch_backend_factory(run_dir: Path | str, *, threads: int = 0) -> Callable[
         theirs = (manifest.data["model"]["arch"], manifest.data["model"]["seq_len"], manifest.data["model"]["d_model"])
         if mine != theirs:
             raise ValueError(f"run {run_dir} is (arch, L, d)={mine} but the bundle is {theirs}")
-        from service.inference import available_cores, inference_shards, intra_op_threads
+        from service.inference import inference_shards, inference_workers, intra_op_threads
 
         n_threads = threads or intra_op_threads(settings)
         return TorchBackend(run.model, threads=n_threads, attention=manifest.has_attention,
                             shards=inference_shards(settings, n_threads),
                             shard_min_candidates=settings.inference_shard_min_candidates,
-                            concurrent_calls=settings.inference_workers or available_cores())
+                            concurrent_calls=inference_workers(settings))
 
     return factory

@@ -21,7 +21,7 @@ from service.errors import StartupError, install_error_handlers
 from service.event_mapping import EventMapping
 from service.event_writer import EventWriter
 from service.history_store import HistoryStore, create_redis
-from service.inference import InferenceBackend, available_cores, onnx_backend_factory
+from service.inference import InferenceBackend, inference_workers, onnx_backend_factory
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, ErrorBoundaryMiddleware, MetricsMiddleware
 from service.model_slot import ModelSlot
@@ -88,7 +88,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.bundle is None:
             raise StartupError("no model bundle: pass --bundle DIR or set POLARITY_BUNDLE")
-        workers = settings.inference_workers or available_cores()
+        workers = inference_workers(settings)
         executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="polarity-inference")
         store = open_store(settings)
         metrics_server = None

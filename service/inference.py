@@ -233,7 +233,7 @@ def onnx_backend_factory(manifest: Manifest, settings: Settings) -> InferenceBac
     return OnnxBackend(manifest, device=settings.device, intra_op_threads=threads,
                        spinning=settings.inference_spinning, shards=inference_shards(settings, threads),
                        shard_min_candidates=settings.inference_shard_min_candidates,
-                       concurrent_calls=settings.inference_workers or available_cores())
+                       concurrent_calls=inference_workers(settings))
 
 
 def inference_shards(settings: Settings, threads: int) -> int:
@@ -243,9 +243,13 @@ def inference_shards(settings: Settings, threads: int) -> int:
     return max(1, available_cores() // threads)
 
 
+def inference_workers(settings: Settings) -> int:
+    """settings.inference_workers, else one concurrent inference call per core."""
+    return settings.inference_workers or available_cores()
+
+
 def intra_op_threads(settings: Settings) -> int:
     """settings.inference_threads, else the cores shared out over the inference workers (no oversubscription)."""
     if settings.inference_threads:
         return settings.inference_threads
-    cores = available_cores()
-    return max(1, cores // (settings.inference_workers or cores))
+    return max(1, available_cores() // inference_workers(settings))
