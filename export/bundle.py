@@ -116,6 +116,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "opset": {"type": "integer", "minimum": 1},
                 "ir_version": {"type": "integer", "minimum": 1},
                 "custom_domains": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "custom_ops": {"type": "array", "items": {"type": "string"}},
+                "functions": {"type": "array", "items": {"type": "string"}},
                 "optimized_file": {"type": ["string", "null"]},
             },
         },

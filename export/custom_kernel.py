@@ -36,7 +36,8 @@ def kernel_library_path() -> Path | None:
 
 
 def kernel_isa(path: Path | None = None) -> str | None:
-    """The instruction set the library picks on this CPU ("avx512", "avx2", "generic"), or None.
+    """The instruction set the library picks on this CPU ("avx512", "avx2", "generic"; "wide16" only when
+    TAPF_ISA forces it), or None.
 
     The library has no link-time dependency on ONNX Runtime, so ctypes can load it on its own."""
     import ctypes

@@ -53,12 +53,24 @@ from export.bundle import (
     sha256_file,
     write_manifest,
 )
-from export.tapf_onnx import ONNX_OPSET, TAPF_DOMAIN, TAPF_DOMAIN_VERSION, TAPF_OP, attach_function, translate_tapf_gate
+from export.gate_pooling import masked_pool, tapf_gate_dot_pool, tapf_gate_mlp_pool
+from export.tapf_onnx import (
+    ONNX_OPSET,
+    TAPF_DOMAIN,
+    TAPF_DOMAIN_VERSION,
+    TAPF_GATE_OPS,
+    attach_function,
+    translate_gate_dot_pool,
+    translate_gate_mlp_pool,
+    translate_tapf_gate,
+)
 from model.batch import INPUT_NAMES, InputArrays
 from model.feature_spec import OOV_INDEX, FeatureSpec, SpecError
 from model.models.config import ARCHS, ModelConfig
 from model.models.ctr_model import SequenceCTRModel
+from model.models.din import DIN
 from model.models.onetrans import NSTokenBlock, OneTrans
+from model.models.transformer import TransformerCTR
 from model.modules.attention import SelfAttentionBlock, TargetAttention, masked_softmax, sequence_attention_mask
 from model.modules.gather import per_candidate
 from model.modules.polarity_gate import TAPFGate, tapf_gate
@@ -122,6 +134,14 @@ class FoldedTAPFGate(nn.Module):
                                 self.w_mix, self.pol_bias)
         return out
 
+    def dot_pool(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor, mask: Tensor,
+                 query: Tensor) -> tuple[Tensor, Tensor]:
+        """The gate and the dot-product attention of `query` (N, T, d, scaled) over its output, as one op
+        (`tapf::gate_dot_pool`) -> pooled (N, T, d), weights (N, T, L)."""
+        pooled, weights = tapf_gate_dot_pool(tokens, polarity.to(tokens.dtype), cand, cand_user, self.w_int,
+                                             self.w_tok, self.w_mix, self.pol_bias, mask, query)
+        return pooled, weights
+
 
 class FoldedTargetAttention(nn.Module):
     """A trained DIN `TargetAttention` rewritten for serving; same inputs, outputs and maths.
@@ -145,6 +165,16 @@ class FoldedTargetAttention(nn.Module):
             self.register_buffer("w_score", att.score.weight.detach().T.contiguous().clone())  # (h, 1)
         self.token_bias = att.token.bias
         self.target = att.target
+
+    def gated_pool(self, gate: FoldedTAPFGate, tokens: Tensor, polarity: Tensor, gate_cand: Tensor,
+                   cand_user: Tensor, mask: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
+        """`self(gate(tokens, polarity, gate_cand, cand_user), cand, mask[cand_user])` as one op
+        (`tapf::gate_mlp_pool`): tokens (U, L, d), mask (U, L) -> pooled (N, d), weights (N, L)."""
+        bias = self.target(cand) + self.token_bias  # (N, h)
+        pooled, weights = tapf_gate_mlp_pool(tokens, polarity.to(tokens.dtype), gate_cand, cand_user, gate.w_int,
+                                             gate.w_tok, gate.w_mix, gate.pol_bias, mask, cand, self.w_token,
+                                             self.w_product, bias, self.w_score.squeeze(-1))
+        return pooled, weights
 
     def forward(self, tokens: Tensor, cand: Tensor, mask: Tensor, cand_user: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -238,9 +268,10 @@ class ServingOneTrans(nn.Module):
     split_w: Tensor
     split_b: Tensor
 
-    def __init__(self, model: OneTrans) -> None:
+    def __init__(self, model: OneTrans, *, fuse_pooling: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.fuse_pooling = fuse_pooling  # gate + aggregation as one `tapf::gate_dot_pool` op, else `tapf::gate`
         self.ns_blocks = nn.ModuleList(ServingNSTokenBlock(b) for b in model.ns_blocks)  # type: ignore[arg-type]
         # The auto-split's last Linear (2d -> T*d) as T per-token (2d, d) weights: it writes (T, N, d) directly.
         *hidden, last = model.auto_split
@@ -276,22 +307,44 @@ class ServingOneTrans(nn.Module):
         s = m.s_norm(s) * s_mask.unsqueeze(-1).to(s.dtype)  # (U, La, d)
         ns = ns.transpose(0, 1)  # (N, T, d)
         lf = s.shape[1]
-        agg_mask = per_candidate(s_mask, cand_user)  # (N, La)
-        if m.gate is not None:
-            agg_tokens = m.gated(m.gate_tokens(s, tokens, mask), polarity[:, -lf:], m.cand_norm(cand), cand_user)
+        q = m.agg_query(m.ns_norm(ns)) / math.sqrt(ns.shape[-1])  # (N, T, d)
+        if m.gate is not None and self.fuse_pooling:
+            # Gate and aggregation in one op: the (N, La, d) gated tokens are never materialised.
+            gate = cast(FoldedTAPFGate, m.gate)
+            pooled, weights = gate.dot_pool(m.gate_tokens(s, tokens, mask), polarity[:, -lf:], m.cand_norm(cand),
+                                            cand_user, s_mask, q)  # (N, T, d), (N, T, La)
         else:
-            agg_tokens = per_candidate(s, cand_user)  # (N, La, d)
-        q = m.agg_query(m.ns_norm(ns))  # (N, T, d)
-        scores = torch.matmul(q, agg_tokens.transpose(1, 2)) / math.sqrt(q.shape[-1])  # (N, T, La)
-        # `masked_softmax` without its NaN clean-up: padding gets the lowest float instead of -inf (weight exactly
-        # 0 next to any real token) and the mask zeroes it, so an empty history gives zeros, as there.
-        valid = agg_mask[:, None, :]  # (N, 1, La)
-        weights = torch.softmax(scores.masked_fill(~valid, torch.finfo(scores.dtype).min), dim=-1) * valid.to(
-            scores.dtype)
-        ns = ns + m.agg_out(torch.matmul(weights, agg_tokens))
+            agg_tokens = (m.gated(m.gate_tokens(s, tokens, mask), polarity[:, -lf:], m.cand_norm(cand), cand_user)
+                          if m.gate is not None else per_candidate(s, cand_user))  # (N, La, d)
+            pooled, weights = masked_pool(torch.matmul(q, agg_tokens.transpose(1, 2)),
+                                          per_candidate(s_mask, cand_user)[:, None, :], agg_tokens)
+        ns = ns + m.agg_out(pooled)
         logits = m.head(m.ns_norm(ns).flatten(1)).squeeze(-1)
         token_weights = weights.mean(1)  # (N, La)
         return logits, F.pad(token_weights, (length - token_weights.shape[1], 0))
+
+
+class ServingTargetAttentionCTR(nn.Module):
+    """`DIN.score` / `TransformerCTR.score` (encoded placement) for serving: the TAPF gate and the target attention
+    that pools its output run as one op (`FoldedTargetAttention.gated_pool`), so the (N, L, d) gated tokens are
+    never materialised. Same inputs and outputs as `score`: logits (N,), attention (N, L)."""
+
+    def __init__(self, model: SequenceCTRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
+                cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.model
+        gate, att = cast(FoldedTAPFGate, m.gate), cast(FoldedTargetAttention, m.target_attention)
+        if isinstance(m, TransformerCTR):
+            assert m.cand_norm is not None
+            seq, gate_cand = m.encoder(tokens, mask), m.cand_norm(cand)  # (U, L, d) once per user
+        else:
+            seq, gate_cand = tokens, cand  # DIN has no encoder
+        pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
+        features = torch.cat([pooled, cand, pooled * cand, per_candidate(m.scaled_stats(stats), cand_user)], dim=-1)
+        return cast(nn.Module, m.head)(features).squeeze(-1), weights
 
 
 # What the `attention` output holds, per arch (manifest `model.attention`): always the weights
@@ -340,19 +393,28 @@ class ServingModel(nn.Module):
         return (probs, weights) if self.attention else (probs,)
 
     @classmethod
-    def from_trained(cls, model: nn.Module, *, attention: bool = True) -> ServingModel:
+    def from_trained(cls, model: nn.Module, *, attention: bool = True, fuse_pooling: bool = False) -> ServingModel:
         """A deep copy of `model` in eval mode with every TAPFGate and TargetAttention folded (the original
-        is untouched)."""
+        is untouched). By default each gate is one plain `TAPFGate` node followed by the attention that pools
+        its output in stock ops; fuse_pooling: the gate of the encoded placement and that attention become one
+        `TAPFGateDotPool` / `TAPFGateMLPPool` node instead (same outputs; the (N, L, d) gated tokens then never
+        leave the kernel's scratch)."""
         served = copy.deepcopy(model).eval()
+        if not isinstance(served, SequenceCTRModel):
+            raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel; the exporter cannot serve it")
         for parent in list(served.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, TAPFGate):
                     setattr(parent, name, FoldedTAPFGate(child))
                 elif isinstance(child, TargetAttention):
                     setattr(parent, name, FoldedTargetAttention(child))
-        scorer = None
-        if isinstance(served, OneTrans) and not (served.gate is not None and served.config.tapf_placement == "input"):
-            scorer = ServingOneTrans(served)
+        scorer: nn.Module | None = None
+        literal = served.gate is not None and served.config.tapf_placement == "input"
+        if isinstance(served, OneTrans) and not literal:
+            scorer = ServingOneTrans(served, fuse_pooling=fuse_pooling)
+        elif fuse_pooling and served.gate is not None and (
+                isinstance(served, DIN) or (isinstance(served, TransformerCTR) and not literal)):
+            scorer = ServingTargetAttentionCTR(served)
         for p in served.parameters():
             p.requires_grad_(False)
         return cls(served, attention=attention, scorer=scorer).eval()
@@ -571,7 +633,9 @@ def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int)
             program = torch.onnx.export(
                 served, args, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(served.output_names),
                 dynamic_shapes=_dynamic_shapes(), opset_version=ONNX_OPSET, optimize=False, verbose=False,
-                custom_translation_table={torch.ops.tapf.gate.default: translate_tapf_gate},
+                custom_translation_table={torch.ops.tapf.gate.default: translate_tapf_gate,
+                                          torch.ops.tapf.gate_dot_pool.default: translate_gate_dot_pool,
+                                          torch.ops.tapf.gate_mlp_pool.default: translate_gate_mlp_pool},
             )
     except Exception as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -580,9 +644,10 @@ def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int)
     if program is None:
         raise ExportError("the ONNX exporter returned no program")
     model = program.model
-    gates = [n for n in _ir_nodes(model.graph) if (n.domain, n.op_type) == (TAPF_DOMAIN, TAPF_OP)]
+    gates = [n for n in _ir_nodes(model.graph) if n.domain == TAPF_DOMAIN and n.op_type in TAPF_GATE_OPS]
     if len(gates) != expected_gates:
-        raise ExportError(f"expected {expected_gates} {TAPF_DOMAIN}::{TAPF_OP} node(s), the exported graph has "
+        raise ExportError(f"expected {expected_gates} {TAPF_DOMAIN} gate node(s) (one of {TAPF_GATE_OPS}), the "
+                          f"exported graph has "
                           f"{len(gates)}: the gate was not exported through the tapf::gate custom op")
     if expected_gates:
         attach_function(model)
@@ -654,7 +719,7 @@ def save_optimized_copy(model_path: Path, out_path: Path) -> Path:
 
 def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = False, check: bool = False,
                   tol: float = 1e-5, name: str | None = None, version: str | None = None,
-                  overwrite: bool = True, attention: bool = True) -> Path:
+                  overwrite: bool = True, attention: bool = True, fuse_pooling: bool = False) -> Path:
     """Export the run in `run_dir` into the bundle directory `out_dir`; returns `out_dir`.
 
     optimize: also write `model.opt.onnx` (ONNX Runtime-optimised copy).
@@ -664,6 +729,9 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
     name/version: manifest identity (default: run directory name / first 12 hex of model.onnx's sha256).
     attention: also output `attention` (N, L), each candidate's weights over the history (for
       `explain`); the probabilities are the same with or without it.
+    fuse_pooling: export each gate fused with the attention that pools it, one `TAPFGateDotPool` /
+      `TAPFGateMLPPool` node, instead of the plain `tapf.fused::TAPFGate` node (`ServingModel.from_trained`).
+      Same outputs either way.
     The bundle is assembled in a sibling staging directory and moved into place at the end, so a
     failed export never leaves a half-written bundle behind.
     """
@@ -674,7 +742,7 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
         raise ExportError(f"{out_dir} exists and is not empty")
     run = load_run(run_dir)
     n_gates = check_representable(run.model, run.model_config, run.spec)
-    served = ServingModel.from_trained(run.model, attention=attention)
+    served = ServingModel.from_trained(run.model, attention=attention, fuse_pooling=fuse_pooling)
     model = export_onnx(served, run.spec, expected_gates=n_gates)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -777,7 +845,11 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
             "opset": model.opset_imports.get("", ONNX_OPSET),
             "ir_version": int(proto.ir_version),
             "custom_domains": {TAPF_DOMAIN: TAPF_DOMAIN_VERSION} if n_gates else {},
-            "custom_op": f"{TAPF_DOMAIN}::{TAPF_OP}" if n_gates else None,
+            # The custom-domain nodes of the main graph (`TAPFGate`, or a pooling op with `--fuse-pooling`) and
+            # the model-local functions that let stock ONNX Runtime run them.
+            "custom_ops": sorted({f"{TAPF_DOMAIN}::{n.op_type}" for n in _ir_nodes(model.graph)
+                                  if n.domain == TAPF_DOMAIN}),
+            "functions": sorted(f"{f.domain}::{f.name}" for f in model.functions.values()),
             "optimized_file": optimized,
             "optimized_for": "CPUExecutionProvider (ORT_ENABLE_EXTENDED)" if optimized else None,
             "exporter": f"torch {torch.__version__} dynamo, onnx {onnx.__version__}",

@@ -29,6 +29,9 @@ from model.feature_spec import FeatureSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_TOL = 1e-5
+# The largest request the service takes by default (`Settings.max_candidates`): one case scores that many
+# candidates, spread over a micro-batch of users, so every kernel task split and buffer size is exercised.
+LARGE_N = 2000
 
 
 class ParityError(ExportError):
@@ -155,6 +158,7 @@ def synthetic_cases(spec: FeatureSpec, *, max_candidates: int, seed: int) -> lis
          random_inputs(spec, n_users=4, n_candidates=max_candidates, seed=seed + 3, empty_users=1)),
         ("U=1 N=5 empty history", random_inputs(spec, n_users=1, n_candidates=5, seed=seed + 4, empty_users=1)),
         ("U=2 N=6 all OOV", random_inputs(spec, n_users=2, n_candidates=6, seed=seed + 5, oov_share=1.0)),
+        (f"U=3 N={LARGE_N} large request", random_inputs(spec, n_users=3, n_candidates=LARGE_N, seed=seed + 8)),
     ]
     # Every user all-padding (no real token anywhere in the batch).
     pad = random_inputs(spec, n_users=2, n_candidates=4, seed=seed + 6, empty_users=2)

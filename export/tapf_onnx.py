@@ -1,6 +1,6 @@
 # The function body below is onnxscript's DSL: its tensor "types" are annotations for the ONNX
 # converter, which mypy cannot follow through the generated op stubs.
-# mypy: disable-error-code="arg-type,type-var"
+# mypy: disable-error-code="arg-type,type-var,return-value"
 """The TAPF gate in ONNX: one `tapf.fused::TAPFGate` node plus a model-local function of the same name.
 
 The exporter translates every `tapf::gate` call (see `model.modules.polarity_gate`) into ONE node
@@ -32,7 +32,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 import onnxscript
-from onnxscript import FLOAT, INT64
+from onnxscript import BOOL, FLOAT, INT64
 from onnxscript import opset20 as op
 from onnxscript.values import Op, Opset
 
@@ -97,10 +97,14 @@ def function_proto() -> onnx.FunctionProto:
 
 
 def attach_function(model: ir.Model) -> None:
-    """Add the `tapf.fused::TAPFGate` function and the domain import to `model` (idempotent)."""
+    """Add the `tapf.fused` functions the graph uses (`TAPFGate` always: the pooling functions call it) and the
+    domain import to `model` (idempotent)."""
     model.opset_imports.setdefault(TAPF_DOMAIN, TAPF_DOMAIN_VERSION)
-    func = ir.serde.deserialize_function(function_proto())
-    model.functions[func.identifier()] = func
+    used = {node.op_type for node in model.graph if node.domain == TAPF_DOMAIN}
+    for script in (TAPFGate, TAPFGateDotPool, TAPFGateMLPPool):
+        if script.name == TAPF_OP or script.name in used:
+            func = ir.serde.deserialize_function(script.to_function_proto())
+            model.functions[func.identifier()] = func
 
 
 def gate_model(weights: dict[str, Any], *, seq_len: int | None = None) -> onnx.ModelProto:
@@ -127,3 +131,86 @@ def gate_model(weights: dict[str, Any], *, seq_len: int | None = None) -> onnx.M
                               functions=[function_proto()])
     model.ir_version = 10
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The gate fused with the attention that pools it (serving graphs): one node each, whose model-local
+# function is one `TAPFGate` node plus the pooling in stock ops. With the kernel library loaded the
+# whole node runs in one pass and the (N, L, d) gated tokens never leave the kernel's scratch.
+#
+#   TAPFGateDotPool   ... gate inputs, mask (U, L) bool, query (N, T, d) (score scale folded in)
+#                     -> pooled (N, T, d), weights (N, T, L)     (OneTrans aggregation)
+#   TAPFGateMLPPool   ... gate inputs, mask (U, L) bool, att_cand (N, d), w_token, w_product (d, h),
+#                     att_bias (N, h), w_score (h,) -> pooled (N, d), weights (N, L)   (DIN target attention)
+# weights: softmax over the candidate's user's real tokens, exactly 0 on the others (all 0 for an empty history).
+
+TAPF_DOT_POOL_OP = "TAPFGateDotPool"
+TAPF_MLP_POOL_OP = "TAPFGateMLPPool"
+TAPF_GATE_OPS = (TAPF_OP, TAPF_DOT_POOL_OP, TAPF_MLP_POOL_OP)  # each holds exactly one TAPF gate
+DOT_POOL_INPUTS = (*TAPF_INPUTS, "mask", "query")
+MLP_POOL_INPUTS = (*TAPF_INPUTS, "mask", "att_cand", "w_token", "w_product", "att_bias", "w_score")
+_LOWEST = -3.4028234663852886e38  # float32's lowest: weight exactly 0 next to any real token
+
+
+@onnxscript.script(tapf_opset, default_opset=op)
+def TAPFGateDotPool(
+    tokens: FLOAT, polarity: FLOAT, cand: FLOAT, cand_user: INT64, w_int: FLOAT, w_tok: FLOAT, w_mix: FLOAT,
+    pol_bias: FLOAT, mask: BOOL, query: FLOAT,
+) -> tuple[FLOAT, FLOAT]:
+    g = TAPFGate(tokens, polarity, cand, cand_user, w_int, w_tok, w_mix, pol_bias)
+    scores = op.MatMul(query, op.Transpose(g, perm=[0, 2, 1]))
+    valid = op.Unsqueeze(op.Gather(mask, cand_user, axis=0), op.Constant(value_ints=[1]))
+    masked = op.Where(valid, scores, op.Constant(value_float=_LOWEST))
+    weights = op.Mul(op.Softmax(masked, axis=-1), op.Cast(valid, to=1))  # 1 = FLOAT
+    pooled = op.MatMul(weights, g)
+    return pooled, weights
+
+
+@onnxscript.script(tapf_opset, default_opset=op)
+def TAPFGateMLPPool(
+    tokens: FLOAT, polarity: FLOAT, cand: FLOAT, cand_user: INT64, w_int: FLOAT, w_tok: FLOAT, w_mix: FLOAT,
+    pol_bias: FLOAT, mask: BOOL, att_cand: FLOAT, w_token: FLOAT, w_product: FLOAT, att_bias: FLOAT,
+    w_score: FLOAT,
+) -> tuple[FLOAT, FLOAT]:
+    g = TAPFGate(tokens, polarity, cand, cand_user, w_int, w_tok, w_mix, pol_bias)
+    per_cand = op.Add(w_token, op.Mul(op.Unsqueeze(att_cand, op.Constant(value_ints=[2])), w_product))
+    hidden = op.Add(op.MatMul(g, per_cand), op.Unsqueeze(att_bias, op.Constant(value_ints=[1])))
+    scores = op.MatMul(op.Mul(hidden, op.Sigmoid(hidden)), w_score)
+    valid = op.Gather(mask, cand_user, axis=0)
+    masked = op.Where(valid, scores, op.Constant(value_float=_LOWEST))
+    weights = op.Mul(op.Softmax(masked, axis=-1), op.Cast(valid, to=1))
+    pooled = op.Squeeze(op.MatMul(op.Unsqueeze(weights, op.Constant(value_ints=[1])), g),
+                        op.Constant(value_ints=[1]))
+    return pooled, weights
+
+
+def _pool_schema(name: str, inputs: tuple[str, ...]) -> onnx.defs.OpSchema:
+    param = onnx.defs.OpSchema.FormalParameter
+    types = {"cand_user": "tensor(int64)", "mask": "tensor(bool)"}
+    return onnx.defs.OpSchema(
+        name, TAPF_DOMAIN, TAPF_DOMAIN_VERSION, doc=__doc__ or "",
+        inputs=[param(n, types.get(n, "T")) for n in inputs], outputs=[param("pooled", "T"), param("weights", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float32 activations and weights")],
+    )
+
+
+_DOT_POOL_NODE = Op(tapf_opset, TAPF_DOT_POOL_OP, _pool_schema(TAPF_DOT_POOL_OP, DOT_POOL_INPUTS))
+_MLP_POOL_NODE = Op(tapf_opset, TAPF_MLP_POOL_OP, _pool_schema(TAPF_MLP_POOL_OP, MLP_POOL_INPUTS))
+
+
+def translate_gate_dot_pool(tokens: Any, polarity: Any, cand: Any, cand_user: Any, w_int: Any, w_tok: Any,
+                            w_mix: Any, pol_bias: Any, mask: Any, query: Any) -> Any:
+    """`torch.ops.tapf.gate_dot_pool.default` -> one `tapf.fused::TAPFGateDotPool` node (weights as in
+    `translate_tapf_gate`)."""
+    return _DOT_POOL_NODE(tokens, polarity, cand, cand_user, op.Transpose(w_int, perm=[1, 0]),
+                          op.Transpose(w_tok, perm=[1, 0]), op.Transpose(w_mix, perm=[1, 0]), pol_bias, mask, query,
+                          _num_outputs=2)
+
+
+def translate_gate_mlp_pool(tokens: Any, polarity: Any, cand: Any, cand_user: Any, w_int: Any, w_tok: Any,
+                            w_mix: Any, pol_bias: Any, mask: Any, att_cand: Any, w_token: Any, w_product: Any,
+                            att_bias: Any, w_score: Any) -> Any:
+    """`torch.ops.tapf.gate_mlp_pool.default` -> one `tapf.fused::TAPFGateMLPPool` node."""
+    return _MLP_POOL_NODE(tokens, polarity, cand, cand_user, op.Transpose(w_int, perm=[1, 0]),
+                          op.Transpose(w_tok, perm=[1, 0]), op.Transpose(w_mix, perm=[1, 0]), pol_bias, mask,
+                          att_cand, w_token, w_product, att_bias, w_score, _num_outputs=2)

@@ -70,7 +70,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_bundle
 
     out = export_bundle(args.run_dir, args.out, optimize=args.optimize, check=args.check, tol=args.tol,
-                        name=args.name, version=args.model_version)
+                        name=args.name, version=args.model_version, fuse_pooling=args.fuse_pooling)
     print(f"bundle written to {out}" + (" (parity checked)" if args.check else ""))
     return 0
 
@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-5, help="max abs probability difference for --check")
     p.add_argument("--name", default=None, help="model name in the manifest (default: run directory name)")
     p.add_argument("--model-version", default=None, help="model version in the manifest (default: sha256 prefix)")
+    p.add_argument("--fuse-pooling", action="store_true",
+                   help="export each TAPF gate fused with the attention that pools it, one TAPFGateDotPool / "
+                        "TAPFGateMLPPool node, instead of the plain TAPFGate node (same outputs)")
     commands["export"] = _cmd_export
 
     p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation")

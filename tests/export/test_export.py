@@ -39,7 +39,7 @@ from export.onnx_export import (
     unfolded_parameter_ops,
 )
 from export.parity import ParityError, assert_parity, check_parity
-from export.tapf_onnx import TAPF_DOMAIN, TAPF_OP
+from export.tapf_onnx import TAPF_DOMAIN, TAPF_DOT_POOL_OP, TAPF_MLP_POOL_OP, TAPF_OP
 from model.batch import INPUT_NAMES, InputArrays
 from model.feature_spec import FeatureSpec, SequenceSpec
 
@@ -118,7 +118,7 @@ def test_one_tapf_node_per_gate_and_the_function_is_in_the_model(exported: dict[
     assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [TAPF_OP] * expected
     functions = {(f.domain, f.name): f for f in model.functions}
     if expected:
-        assert (TAPF_DOMAIN, TAPF_OP) in functions
+        assert set(functions) == {(TAPF_DOMAIN, TAPF_OP)}
         body = functions[(TAPF_DOMAIN, TAPF_OP)]
         assert {"Tanh", "Relu", "MatMul", "Gather"} <= {n.op_type for n in body.node}
         assert {o.domain: o.version for o in model.opset_import}[TAPF_DOMAIN] == 1
@@ -229,7 +229,8 @@ def test_check_parity_covers_real_sequences_and_edge_cases(exported: dict[str, E
     assert all(c.attention_max_abs_diff is not None for c in report.cases)
     assert report.data != "unavailable"  # the run's own log was used
     names = " ".join(c.name for c in report.cases)
-    for needle in ("data request", "data micro-batch", "N=1", "empty history", "all padding", "OOV", "N=300"):
+    for needle in ("data request", "data micro-batch", "N=1", "empty history", "all padding", "OOV", "N=300",
+                   "N=2000"):
         assert needle in names
     assert {c.model_file for c in report.cases} == {MODEL_FILE, OPTIMIZED_MODEL_FILE}
     assert {c.n_users for c in report.cases if "micro-batch" in c.name} == {3}
@@ -246,6 +247,35 @@ def test_parity_through_the_fused_kernel(exported: dict[str, Exported], arch: st
     assert report.attention_max_abs_diff is not None and report.attention_max_abs_diff < 1e-5
     assert {c.path for c in report.cases} == {"function", "kernel"}
     assert {c.model_file for c in report.cases if c.path == "kernel"} == {MODEL_FILE}
+
+
+@pytest.mark.parametrize("arch", GATED)
+def test_fuse_pooling_export_is_one_pooling_node_with_parity(exported: dict[str, Exported], arch: str,
+                                                             tmp_path: Path) -> None:
+    """`--fuse-pooling`: the gate and the attention that pools it are one node whose function holds exactly one
+    TAPFGate node (then the attention in stock ops); the bundle still matches torch through the function fallback
+    and, when built, the fused kernel."""
+    ex = exported[arch]
+    bundle = export_bundle(ex.run_dir, tmp_path / "fused", fuse_pooling=True)
+    model = _graph(bundle)
+    onnx.checker.check_model(model)
+    pooling = TAPF_DOT_POOL_OP if arch.startswith("onetrans") else TAPF_MLP_POOL_OP
+    assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [pooling]
+    functions = {(f.domain, f.name): f for f in model.functions}
+    assert set(functions) == {(TAPF_DOMAIN, TAPF_OP), (TAPF_DOMAIN, pooling)}
+    pool_body = functions[(TAPF_DOMAIN, pooling)]
+    assert [n.op_type for n in pool_body.node if n.domain == TAPF_DOMAIN] == [TAPF_OP]
+    assert {"Softmax", "MatMul", "Where"} <= {n.op_type for n in pool_body.node}
+    node = next(n for n in model.graph.node if n.op_type == pooling)
+    assert node.input[4] in {i.name for i in model.graph.initializer}  # folded W_int, as for TAPFGate
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert manifest["onnx"]["custom_ops"] == [f"{TAPF_DOMAIN}::{pooling}"]
+    report = check_parity(ex.run_dir, bundle, n_requests=2, max_candidates=200,
+                          kernel=kernel_library_path() is not None)
+    assert report.passed, report.summary()
+    assert report.attention_max_abs_diff is not None and report.attention_max_abs_diff < 1e-5
+    if kernel_library_path() is not None:
+        assert {c.path for c in report.cases} == {"function", "kernel"}
 
 
 def test_parity_refuses_a_drifted_attention_output(exported: dict[str, Exported], tmp_path: Path) -> None:
@@ -345,6 +375,8 @@ def test_manifest_describes_the_bundle(exported: dict[str, Exported], arch: str)
     assert data["outputs"] == [{"name": "probability", "dtype": "float32", "shape": ["N"]},
                                {"name": ATTENTION_NAME, "dtype": "float32", "shape": ["N", SEQ_LEN]}]
     assert data["onnx"]["custom_domains"] == ({TAPF_DOMAIN: 1} if arch in GATED else {})
+    assert data["onnx"]["custom_ops"] == data["onnx"]["functions"] == \
+        ([f"{TAPF_DOMAIN}::{TAPF_OP}"] if arch in GATED else [])
     assert data["onnx"]["opset"] >= 18 and data["onnx"]["optimized_file"] == OPTIMIZED_MODEL_FILE
     assert data["training"]["metrics"]["valid"]["auc"] == pytest.approx(run.metrics["valid"]["auc"])
     expected_rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()

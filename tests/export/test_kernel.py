@@ -58,6 +58,7 @@ _CASES = {
     "U=4 N=300 d=32 (threads)": (4, 4, 13, 300, 32, 3),
     "U=2 N=3 d=8 all padding": (5, 2, 6, 3, 8, 6),
     "U=2 N=4 d=5 (scalar)": (6, 2, 5, 4, 5, 1),
+    "U=2 N=7 d=24 (one 16-lane vector + remainder)": (7, 2, 8, 7, 24, 2),
 }
 
 
@@ -113,13 +114,13 @@ def _available_isas() -> list[str]:
     flags = _cpu_flags()
     isas = ["generic"]
     if {"avx2", "fma"} <= flags:
-        isas.append("avx2")
+        isas += ["avx2", "wide16"]  # wide16: the AVX-512 code path (16 lanes) built for AVX2
     if {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags:
         isas.append("avx512")
     return isas
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "wide16", "avx512"])
 def test_kernel_matches_the_torch_op(library: Path, kernel_cases: Path, isa: str) -> None:
     if isa not in _available_isas():
         pytest.skip(f"this CPU has no {isa}")
@@ -221,3 +222,120 @@ def test_fallback_is_reported_once(monkeypatch: pytest.MonkeyPatch, caplog: pyte
             assert ck.register_kernel(ort.SessionOptions(), ["CPUExecutionProvider"]) is False
     messages = [r.getMessage() for r in caplog.records if r.name == ck.__name__]
     assert len(messages) == 1 and "ONNX function fallback" in messages[0]
+
+
+# The gate fused with the attention that pools it (TAPFGateDotPool for OneTrans, TAPFGateMLPPool for DIN and
+# the Transformer): whole exported models, kernel against the function fallback and the trained torch model.
+_POOL_SCRIPT = r"""
+import json, sys
+import numpy as np, onnxruntime as ort
+from export.custom_kernel import kernel_isa
+
+library, cases_file = sys.argv[1], sys.argv[2]
+data = np.load(cases_file)
+sessions = {}
+for model in json.loads(str(data["models"])):
+    for path in ("kernel", "function"):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 2
+        if path == "kernel":
+            opts.register_custom_ops_library(library)
+        sessions[(model, path)] = ort.InferenceSession(data[f"{model}/model"].tobytes(), sess_options=opts,
+                                                       providers=["CPUExecutionProvider"])
+out = {}
+for model, name in json.loads(str(data["cases"])):
+    key = f"{model}/{name}"
+    feed = {k[len(key) + 6:]: data[k] for k in data.files if k.startswith(f"{key}/feed/")}
+    out[key] = {path: max(float(np.abs(g - data[f"{key}/want{i}"]).max())
+                          for i, g in enumerate(sessions[(model, path)].run(None, feed)))
+                for path in ("kernel", "function")}
+print(json.dumps({"isa": kernel_isa(), "cases": out}))
+"""
+
+# One exported model per arch (exports are the slow part), each fed every input case. The widths cover a
+# remainder after 8-lane vectors (12), exactly one 16-lane vector (16) and one plus a remainder (24).
+_POOL_MODELS = {"onetrans d=12": ("onetrans", 12), "din d=24": ("din", 24), "transformer d=16": ("transformer", 16)}
+# name -> (U, N, users with an empty history)
+_POOL_INPUTS = {
+    "U=1 N=1": (1, 1, 0),
+    "U=3 N=40 one empty": (3, 40, 1),
+    "U=4 N=300 (threads)": (4, 300, 0),
+    "U=2 N=5 all empty": (2, 5, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def pool_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import onnx_ir as ir
+    import torch
+
+    from export.onnx_export import ServingModel, export_onnx, random_inputs, reference_outputs
+    from model.feature_spec import FeatureSpec, SequenceSpec
+    from model.models.config import ModelConfig, build_model
+
+    cases = [(m, name) for m in _POOL_MODELS for name in _POOL_INPUTS]
+    arrays: dict[str, np.ndarray] = {"models": np.array(json.dumps(list(_POOL_MODELS))),
+                                     "cases": np.array(json.dumps(cases))}
+    spec = FeatureSpec(sequence=SequenceSpec(seq_len=12), n_items=50, n_categories=6,
+                       event_types=("<pad>", "click", "skip"), event_polarity=(0, 1, -1))
+    for seed, (model_name, (arch, d)) in enumerate(_POOL_MODELS.items()):
+        torch.manual_seed(seed)
+        model = build_model(ModelConfig(arch=arch, seq_variant="mix-tapf", d_model=d, n_heads=2), spec).eval()
+        served = ServingModel.from_trained(model, fuse_pooling=True)
+        proto = ir.serde.serialize_model(export_onnx(served, spec, expected_gates=1))
+        arrays[f"{model_name}/model"] = np.frombuffer(proto.SerializeToString(), dtype=np.uint8)
+        for i, (name, (u, n, empty)) in enumerate(_POOL_INPUTS.items()):
+            x = random_inputs(spec, n_users=u, n_candidates=n, seed=10 * seed + i, empty_users=empty)
+            want = reference_outputs(model, x)
+            key = f"{model_name}/{name}"
+            arrays[f"{key}/want0"], arrays[f"{key}/want1"] = want["probability"], want["attention"]
+            for k, value in x.as_dict().items():
+                arrays[f"{key}/feed/{k}"] = value
+    path = tmp_path_factory.mktemp("pool") / "cases.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "wide16", "avx512"])
+def test_fused_pooling_kernels_match_torch(library: Path, pool_cases: Path, isa: str) -> None:
+    if isa not in _available_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    env = {**os.environ, "TAPF_ISA": isa,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(library), str(pool_cases)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["isa"] == isa
+    assert set(result["cases"]) == {f"{m}/{name}" for m in _POOL_MODELS for name in _POOL_INPUTS}
+    for name, r in result["cases"].items():
+        assert r["kernel"] < 1e-5, (name, r)
+        assert r["function"] < 1e-5, (name, r)
+
+
+def test_fused_pooling_kernel_refuses_a_bad_mask_shape(library: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.tapf_onnx import DOT_POOL_INPUTS, ONNX_OPSET, TAPF_DOMAIN, TAPF_DOT_POOL_OP
+
+    d = 4
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), k)
+             for k in ("w_int", "w_tok", "w_mix")] + [numpy_helper.from_array(np.zeros((3, d), np.float32), "pol_bias")]
+    types = {"cand_user": TensorProto.INT64, "mask": TensorProto.BOOL}
+    graph = helper.make_graph(
+        [helper.make_node(TAPF_DOT_POOL_OP, list(DOT_POOL_INPUTS), ["pooled", "weights"], domain=TAPF_DOMAIN)], "g",
+        [helper.make_tensor_value_info(k, types.get(k, TensorProto.FLOAT), None)
+         for k in DOT_POOL_INPUTS if k not in ("w_int", "w_tok", "w_mix", "pol_bias")],
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in ("pooled", "weights")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET),
+                                                    helper.make_opsetid(TAPF_DOMAIN, 1)])
+    model.ir_version = 10
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library))
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    feed = {"tokens": np.zeros((1, 5, d), np.float32), "polarity": np.zeros((1, 5), np.float32),
+            "cand": np.zeros((2, d), np.float32), "cand_user": np.zeros(2, np.int64),
+            "mask": np.ones((1, 4), bool), "query": np.zeros((2, 3, d), np.float32)}
+    with pytest.raises(Exception, match=r"TAPFGateDotPool: mask has shape \(1, 4\), expected \(1, 5\)"):
+        sess.run(None, feed)
