@@ -8,8 +8,11 @@
 - `bench_serving`: the whole model per request (U=1, N=500, L=100, d=64, 2 threads): torch eager
   (the trained module) vs a naive per-candidate export (paper-form gate, plain `torch.onnx.export`,
   one copy of the user's sequence per candidate, U=N) vs the bundle (one sequence, `cand_user`),
-  through the function fallback and the fused kernel, and the bundle without its `attention`
-  output (what that output costs).
+  through the function fallback and the fused kernel, the bundle exported with `--fuse-pooling` (the gate
+  and the attention that pools it as one node: what that fusion gains) and the bundle without its
+  `attention` output (what that output costs); then the arithmetic floor: FLOPs per request
+  (`request_flops`) at the best GEMM rate measured in the same run (`gemm_peak_gflops`), next to what
+  4× over torch eager would demand.
 
 Every time is the minimum over repetitions (the machine may be shared); the load average before
 and after is written next to the numbers. Wall time on a loaded machine punishes torch's spinning
@@ -220,6 +223,59 @@ def bench_gate(n_cand: int = 512, length: int = 100, d: int = 64) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tapf_gate_flops(tokens: Any, polarity: Any, cand: Any, cand_user: Any, *rest: Any, **kw: Any) -> int:
+    """FlopCounterMode formula for the fused `tapf::gate` (argument shapes in): its GEMMs,
+    2·N·L·d² each for W_int and W_mix per candidate, 2·U·L·d² for W_tok per user."""
+    u, length, d = tokens
+    n = cand[0]
+    return int(2 * 2 * n * length * d * d + 2 * u * length * d * d)
+
+
+def request_flops(model: nn.Module, spec: FeatureSpec, *, n_cand: int, count_gate: bool = True) -> int:
+    """FLOPs of one request (U=1 with a full history, N candidates) of the serving graph's maths, counted by
+    torch's FlopCounterMode on `ServingModel.from_trained(model, fuse_pooling=False)` (matmuls; the custom
+    `tapf::gate` op through `tapf_gate_flops`). The fused pooling ops do the same arithmetic but are opaque to
+    the counter, hence the unfused form."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from export.onnx_export import to_torch
+
+    served = ServingModel.from_trained(model, fuse_pooling=False)
+    x = to_torch(random_inputs(spec, n_users=1, n_candidates=n_cand, seed=0))
+    mapping = {torch.ops.tapf.gate: tapf_gate_flops} if count_gate else {}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+        served(**x)
+    return int(fc.get_total_flops())
+
+
+def gemm_peak_gflops(threads: int = THREADS) -> dict[str, float]:
+    """Measured float32 GEMM throughput on this machine: numpy (BLAS) and ONNX Runtime MatMul, best of 5."""
+    def seconds(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    out: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((1024, 1024), dtype=np.float32)
+    b = rng.standard_normal((1024, 1024), dtype=np.float32)
+    a @ b
+    out["numpy 1024³"] = 2 * 1024**3 / min(seconds(lambda: a @ b) for _ in range(5)) / 1e9
+    for m, k, n in ((1024, 1024, 1024), (50_000, 64, 64)):
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
+                                   helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        sess = _session(model, threads=threads)
+        feed = {"x": rng.standard_normal((m, k), dtype=np.float32), "w": rng.standard_normal((k, n), dtype=np.float32)}
+        sess.run(None, feed)
+        best = min(seconds(lambda: sess.run(None, feed)) for _ in range(5))  # noqa: B023
+        out[f"ORT MatMul {m}×{k}×{n}"] = 2 * m * k * n / best / 1e9
+    return out
+
+
 def _random_model(arch: str, seq: str, length: int, d: int) -> tuple[nn.Module, FeatureSpec]:
     torch.manual_seed(0)
     spec = FeatureSpec(sequence=SequenceSpec(seq_len=length), n_items=20_002, n_categories=52,
@@ -258,25 +314,36 @@ def _save(model: ir.Model, path: Path) -> Path:
     return path
 
 
+# bench_serving's columns: how each graph runs (kind -> table heading).
+_SERVING_COLUMNS = {
+    "eager": "torch eager (ms)",
+    "naive": "naive per-candidate export (ms)",
+    "function": "bundle, function (ms)",
+    "kernel": "bundle, fused kernel (ms)",
+    "fused": "bundle `--fuse-pooling`, kernel (ms)",
+    "probs": "bundle without attention output, kernel (ms)",
+}
+
+
 def bench_serving(n_cand: int = 500, length: int = 100, d: int = 64) -> str:
     load_before = _load()
     threads = torch.get_num_threads()
     has_kernel = kernel_library_path() is not None
+    heading = "| arch | " + " | ".join(_SERVING_COLUMNS.values()) + " | × eager | × naive |"
+    rule = "|---" * (len(_SERVING_COLUMNS) + 3) + "|"
     lines = [_header("Whole model per request"),
-             f"- U=1 request, N={n_cand} candidates, L={length}, d={d}, random weights; torch and ONNX Runtime "
-             f"CPU with {THREADS} intra-op threads; min over 2 interleaved rounds of ≤ 10 runs (fewer when slow)",
+             f"- U=1 request with a full history, N={n_cand} candidates, L={length}, d={d}, random weights; torch "
+             f"and ONNX Runtime CPU with {THREADS} intra-op threads; min over 2 interleaved rounds of ≤ 10 runs "
+             "(fewer when slow)",
              "- torch eager: the trained module, `sigmoid(model(**inputs))` under `no_grad` (it already reads one "
              "sequence per user through `cand_user`); naive export: the same module, gate in paper form, plain "
              "`torch.onnx.export`, fed one sequence copy per candidate; bundle: `polarity export`'s graph "
-             "(probability + attention outputs), one sequence per user",
-             "", f"Wall time, {THREADS} threads:", "",
-             "| arch | torch eager (ms) | naive per-candidate export (ms) | bundle, function (ms) "
-             "| bundle, fused kernel (ms) | bundle without attention output, kernel (ms) | × eager | × naive |",
-             "|---|---|---|---|---|---|---|---|"]
-    cpu_lines = ["", "Process CPU time, 1 thread (less sensitive to other load than wall time):", "",
-                 "| arch | torch eager (ms) | naive per-candidate export (ms) | bundle, function (ms) "
-                 "| bundle, fused kernel (ms) | bundle without attention output, kernel (ms) | × eager | × naive |",
-                 "|---|---|---|---|---|---|---|---|"]
+             "(probability + attention outputs), one sequence per user, the gate one `TAPFGate` node; "
+             "`--fuse-pooling`: the gate and the attention that pools it as one `TAPFGateDotPool` / "
+             "`TAPFGateMLPPool` node",
+             "", f"Wall time, {THREADS} threads:", "", heading, rule]
+    cpu_lines = ["", "Process CPU time, 1 thread (less sensitive to other load than wall time):", "", heading, rule]
+    floors: list[tuple[str, int, float, float]] = []  # arch, FLOPs per request, bundle ms, eager ms
     verdicts = []
     try:
         for arch, seq in (("onetrans", "mix-tapf"), ("din", "mix-tapf"), ("transformer", "mix-tapf")):
@@ -286,54 +353,71 @@ def bench_serving(n_cand: int = 500, length: int = 100, d: int = 64) -> str:
             per_cand_feed = _per_candidate(x).as_dict()
             tx = {k: torch.from_numpy(v) for k, v in feed.items()}
             with tempfile.TemporaryDirectory() as tmp:
-                bundle_path = _save(export_onnx(ServingModel.from_trained(model), spec, expected_gates=1),
-                                    Path(tmp) / "model.onnx")
-                probs_path = _save(export_onnx(ServingModel.from_trained(model, attention=False), spec,
-                                               expected_gates=1), Path(tmp) / "probs.onnx")
-                naive_path = naive_export(model, spec, Path(tmp) / "naive.onnx")
-                sessions = {(kind, n): _session(path, kernel=kind in ("kernel", "probs") and has_kernel, threads=n)
-                            for n in (THREADS, 1) for kind, path in (("function", bundle_path), ("naive", naive_path),
-                                                                     ("kernel", bundle_path), ("probs", probs_path))}
+                paths = {
+                    "bundle": _save(export_onnx(ServingModel.from_trained(model), spec, expected_gates=1),
+                                    Path(tmp) / "model.onnx"),
+                    "fused": _save(export_onnx(ServingModel.from_trained(model, fuse_pooling=True), spec,
+                                               expected_gates=1), Path(tmp) / "fused.onnx"),
+                    "probs": _save(export_onnx(ServingModel.from_trained(model, attention=False), spec,
+                                               expected_gates=1), Path(tmp) / "probs.onnx"),
+                    "naive": naive_export(model, spec, Path(tmp) / "naive.onnx"),
+                }
+                graphs = {"function": (paths["bundle"], False), "kernel": (paths["bundle"], has_kernel),
+                          "fused": (paths["fused"], has_kernel), "probs": (paths["probs"], has_kernel),
+                          "naive": (paths["naive"], False)}
+                sessions = {(kind, n): _session(path, kernel=kernel, threads=n)
+                            for n in (THREADS, 1) for kind, (path, kernel) in graphs.items()}
 
             def eager(model: nn.Module = model, tx: dict[str, Tensor] = tx) -> None:
                 with torch.no_grad():
                     torch.sigmoid(model(**tx))
 
-            def run(kind: str, n: int, feed: dict[str, np.ndarray] = feed,
-                    sessions: dict[tuple[str, int], Any] = sessions) -> Callable[[], Any]:
-                return partial(sessions[(kind, n)].run, None, feed)
+            def run(kind: str, n: int, feed: dict[str, np.ndarray] = feed, per_cand_feed: dict[str, np.ndarray] =
+                    per_cand_feed, sessions: dict[tuple[str, int], Any] = sessions) -> Callable[[], Any]:
+                return partial(sessions[(kind, n)].run, None, per_cand_feed if kind == "naive" else feed)
 
             wall: dict[str, float] = {}
             cpu: dict[str, float] = {}
             for _ in range(2):  # two interleaved rounds, min of both: a burst of load elsewhere hits all alike
                 torch.set_num_threads(THREADS)
-                for key, fn in (("eager", eager), ("naive", run("naive", THREADS, per_cand_feed)),
-                                ("function", run("function", THREADS)), ("kernel", run("kernel", THREADS)),
-                                ("probs", run("probs", THREADS))):
-                    wall[key] = min(wall.get(key, float("inf")), _timeit(fn, reps=10))
+                for kind in _SERVING_COLUMNS:
+                    fn = eager if kind == "eager" else run(kind, THREADS)
+                    wall[kind] = min(wall.get(kind, float("inf")), _timeit(fn, reps=10))
                 torch.set_num_threads(1)
-                for key, fn, reps in (("eager", eager, 10), ("naive", run("naive", 1, per_cand_feed), 2),
-                                      ("function", run("function", 1), 10), ("kernel", run("kernel", 1), 10),
-                                      ("probs", run("probs", 1), 10)):
-                    cpu[key] = min(cpu.get(key, float("inf")), _cpu_ms(fn, reps=reps))
-            kern_txt = f"{wall['kernel']:.2f}" if has_kernel else "n/a (not built)"
-            best = min(wall["function"], wall["kernel"]) if has_kernel else wall["function"]
-            lines.append(f"| {arch}/{seq} | {wall['eager']:.2f} | {wall['naive']:.2f} | {wall['function']:.2f} | "
-                         f"{kern_txt} | {wall['probs']:.2f} | {wall['eager'] / best:.1f}× | "
-                         f"{wall['naive'] / best:.1f}× |")
-            cpu_best = min(cpu["function"], cpu["kernel"]) if has_kernel else cpu["function"]
-            cpu_kern = f"{cpu['kernel']:.2f}" if has_kernel else "n/a"
-            cpu_lines.append(f"| {arch}/{seq} | {cpu['eager']:.2f} | {cpu['naive']:.2f} | {cpu['function']:.2f} | "
-                             f"{cpu_kern} | {cpu['probs']:.2f} | {cpu['eager'] / cpu_best:.1f}× | "
-                             f"{cpu['naive'] / cpu_best:.1f}× |")
-            verdicts.append(f"{arch}: wall {_verdict(wall['eager'] / best, wall['naive'] / best)}, 1-thread CPU "
-                            f"{_verdict(cpu['eager'] / cpu_best, cpu['naive'] / cpu_best)}")
+                for kind in _SERVING_COLUMNS:
+                    fn = eager if kind == "eager" else run(kind, 1)
+                    cpu[kind] = min(cpu.get(kind, float("inf")), _cpu_ms(fn, reps=2 if kind == "naive" else 10))
+            bundle_kinds = ("function", "kernel", "fused") if has_kernel else ("function",)
+            for table, times in ((lines, wall), (cpu_lines, cpu)):
+                best = min(times[k] for k in bundle_kinds)
+                cells = [f"{times[k]:.2f}" if has_kernel or k in ("eager", "naive", "function") else "n/a (not built)"
+                         for k in _SERVING_COLUMNS]
+                table.append(f"| {arch}/{seq} | " + " | ".join(cells) +
+                             f" | {times['eager'] / best:.1f}× | {times['naive'] / best:.1f}× |")
+            best_wall, best_cpu = min(wall[k] for k in bundle_kinds), min(cpu[k] for k in bundle_kinds)
+            verdicts.append(f"{arch}: wall {_verdict(wall['eager'] / best_wall, wall['naive'] / best_wall)}, "
+                            f"1-thread CPU {_verdict(cpu['eager'] / best_cpu, cpu['naive'] / best_cpu)}")
+            floors.append((f"{arch}/{seq}", request_flops(model, spec, n_cand=n_cand), best_wall, wall["eager"]))
     finally:
         torch.set_num_threads(threads)
+    peak = gemm_peak_gflops(THREADS)
+    peak_best = max(peak.values())
     lines += cpu_lines
     lines.append(f"\n- load average: {load_before} before, {_load()} after")
-    lines.append("- × columns: the faster bundle path against torch eager and against the naive export; "
-                 "the probabilities-only graph shows what the `attention` output costs.")
+    lines.append("- × columns: the fastest bundle path (function, kernel or `--fuse-pooling` kernel) against torch "
+                 "eager and against the naive export; the probabilities-only graph shows what the `attention` output "
+                 "costs.")
+    lines += ["", f"Arithmetic floor, {THREADS} threads: FLOPs per request (`request_flops`: torch FlopCounterMode "
+              "on the serving maths, the gate counted as its GEMMs) against the best float32 GEMM rate measured "
+              "in the same run (" + ", ".join(f"{k}: {v:.1f}" for k, v in peak.items()) + " GFLOP/s). "
+              "No implementation of the same maths in float32 runs faster than the FLOPs at that rate.", "",
+              "| arch | GFLOP/request | bundle (ms) | bundle GFLOP/s | bundle % of GEMM peak | all at GEMM peak (ms) "
+              "| 4× eager means (ms) | 4× eager needs % of GEMM peak |", "|---|---|---|---|---|---|---|---|"]
+    for name, flops, bundle_ms, eager_ms in floors:
+        gflop = flops / 1e9
+        lines.append(f"| {name} | {gflop:.3f} | {bundle_ms:.2f} | {gflop / bundle_ms * 1e3:.1f} | "
+                     f"{100 * gflop / bundle_ms * 1e3 / peak_best:.0f}% | {gflop / peak_best * 1e3:.2f} | "
+                     f"{eager_ms / 4:.2f} | {100 * gflop / (eager_ms / 4) * 1e3 / peak_best:.0f}% |")
     lines.append("\nTarget: the bundle ≥ 4× over torch eager and ≥ 2× over the naive export: "
                  + "; ".join(verdicts) + ".")
     return "\n".join(lines) + "\n"

@@ -307,59 +307,13 @@ def _like_for_like(results: dict[str, dict[str, Any]], torch_name: str, bundle_n
             f"end to end, {_fmt(inf)}× on inference")
 
 
-def tapf_gate_flops(tokens: Any, polarity: Any, cand: Any, cand_user: Any, *rest: Any, **kw: Any) -> int:
-    """FlopCounterMode formula for the fused `tapf::gate` (argument shapes in): its GEMMs,
-    2·N·L·d² each for W_int and W_mix per candidate, 2·U·L·d² for W_tok per user."""
-    u, length, d = tokens
-    n = cand[0]
-    return int(2 * 2 * n * length * d * d + 2 * u * length * d * d)
-
-
-def _flops(run: RandomRun, *, n_cand: int, count_gate: bool = True) -> int:
-    """FLOPs of one request (U=1, N candidates) counted by torch's FlopCounterMode on the eager model
-    (matmuls; the custom `tapf::gate` op through `tapf_gate_flops`, keyed by its overload packet)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from export.onnx_export import ServingModel, load_run, random_inputs, to_torch
+def _flops(run: RandomRun, *, n_cand: int) -> int:
+    """FLOPs of one request (U=1, N candidates) of `run`'s model (`export.benchmarks.request_flops`)."""
+    from export.benchmarks import request_flops
+    from export.onnx_export import load_run
 
     loaded = load_run(run.run_dir)
-    served = ServingModel.from_trained(loaded.model)
-    x = to_torch(random_inputs(loaded.spec, n_users=1, n_candidates=n_cand, seed=0))
-    mapping = {torch.ops.tapf.gate: tapf_gate_flops} if count_gate else {}
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
-        served(**x)
-    return int(fc.get_total_flops())
-
-
-def gemm_peak_gflops(threads: int = THREADS) -> dict[str, float]:
-    """Measured float32 GEMM throughput on this machine: numpy (BLAS) and ONNX Runtime MatMul."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    out: dict[str, float] = {}
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((1024, 1024), dtype=np.float32)
-    b = rng.standard_normal((1024, 1024), dtype=np.float32)
-    a @ b
-    best = min(_time(lambda: a @ b) for _ in range(5))
-    out["numpy 1024³"] = 2 * 1024**3 / best / 1e9
-    for m, k, n in ((1024, 1024, 1024), (50_000, 64, 64)):
-        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k]),
-                                   helper.make_tensor_value_info("w", TensorProto.FLOAT, [k, n])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 9
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
-        feed = {"x": rng.standard_normal((m, k), dtype=np.float32), "w": rng.standard_normal((k, n), dtype=np.float32)}
-        sess.run(None, feed)
-        best = min(_time(lambda: sess.run(None, feed)) for _ in range(5))  # noqa: B023
-        out[f"ORT MatMul {m}×{k}×{n}"] = 2 * m * k * n / best / 1e9
-    return out
+    return request_flops(loaded.model, loaded.spec, n_cand=n_cand)
 
 
 def _time(fn: Callable[[], Any]) -> float:
@@ -400,7 +354,9 @@ def bench_cost(ns: tuple[int, ...] = (50, 100, 250, 500, 1000, 2000), lengths: t
     ort_l = {length: _ort_latency(r, n_cand=500) for length, r in runs_l.items()}
     flops_n = {n: _flops(env.run, n_cand=n) for n in ns}
     flops_l = {length: _flops(r, n_cand=500) for length, r in runs_l.items()}
-    peak = gemm_peak_gflops()
+    from export.benchmarks import gemm_peak_gflops
+
+    peak = gemm_peak_gflops(THREADS)
     peak_best = max(peak.values())
     _plot(figure, ns=ns, e2e=e2e, ort_n=ort_n, lengths=lengths, ort_l=ort_l)
 

@@ -1,9 +1,8 @@
 """The capacity search of the serving benchmark (its HTTP runs replaced by a model of a server
-whose p99 crosses 50 ms at a known rate) and the FLOP count it reports."""
+whose p99 crosses 50 ms at a known rate)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,17 +35,3 @@ def test_max_rate_ladder(monkeypatch: pytest.MonkeyPatch, capacity: float, expec
     assert best == expected
     assert calls == ladder
     assert tried[0][0] == 20.0 and all((rate <= capacity) == ok for rate, _, ok in tried)
-
-
-def test_flops_count_the_fused_gate(tmp_path: Path) -> None:
-    """The fused gate is counted as its GEMMs: 4·N·L'·d² more per request, linear in N."""
-    from loadtest.random_bundle import random_run
-
-    d = 16
-    run = random_run(tmp_path / "r", seq_len=16, d_model=d, n_items=50, n_categories=3, export=False)
-    gate = {n: serving_bench._flops(run, n_cand=n) - serving_bench._flops(run, n_cand=n, count_gate=False)
-            for n in (100, 200)}
-    assert gate[100] > 0
-    tokens, rem = divmod(gate[200] - gate[100], 4 * 100 * d * d)  # gated tokens per candidate
-    assert rem == 0 and 1 <= tokens <= 16
-    assert gate[100] == 4 * 100 * tokens * d * d + 2 * tokens * d * d  # plus W_tok once for the one user
