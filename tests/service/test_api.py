@@ -233,6 +233,21 @@ async def test_readyz_reports_provider_and_kernel(make_settings: SettingsFactory
         assert metric_value(text, "polarity_http_requests_total", route="/readyz", method="GET", status="200") == 1
 
 
+async def test_readyz_reports_the_function_fallback_when_the_kernel_is_off(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the fused kernel the service still scores, through the bundle's ONNX function, and /readyz says
+    so with the reason (here: disabled by POLARITY_TAPF_KERNEL)."""
+    monkeypatch.setenv("POLARITY_TAPF_KERNEL", "off")
+    async with serving(make_settings(device="cpu")) as (_, client):
+        kernel = (await client.get("/readyz")).json()["details"]["kernel"]
+        assert kernel["in_use"] == "onnx-function" and kernel["registered"] is False
+        assert kernel["fused_kernel"] is False and "POLARITY_TAPF_KERNEL" in kernel["reason"]
+        r = await client.post("/v1/score", json=score_body("alice"))
+        assert r.status_code == 200, r.text
+        scores = r.json()["scores"]
+        assert len(scores) == len(ITEMS) and all(0.0 < s < 1.0 for s in scores)
+
+
 async def test_startup_freezes_the_gc_and_inference_threads_do_not_spin(make_settings: SettingsFactory) -> None:
     """gc_freeze keeps startup objects out of the collector until shutdown; inference_spinning reaches
     the ONNX Runtime session (off by default)."""
