@@ -68,7 +68,7 @@ from model.batch import INPUT_NAMES, InputArrays
 from model.feature_spec import OOV_INDEX, FeatureSpec, SpecError
 from model.models.config import ARCHS, ModelConfig
 from model.models.ctr_model import SequenceCTRModel
-from model.models.din import DIN
+from model.models.din import DIN, target_head_logits
 from model.models.onetrans import NSTokenBlock, OneTrans
 from model.models.transformer import TransformerCTR
 from model.modules.attention import SelfAttentionBlock, TargetAttention, masked_softmax, sequence_attention_mask
@@ -343,8 +343,7 @@ class ServingTargetAttentionCTR(nn.Module):
         else:
             seq, gate_cand = tokens, cand  # DIN has no encoder
         pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
-        features = torch.cat([pooled, cand, pooled * cand, per_candidate(m.scaled_stats(stats), cand_user)], dim=-1)
-        return cast(nn.Module, m.head)(features).squeeze(-1), weights
+        return target_head_logits(cast(nn.Module, m.head), pooled, cand, m.scaled_stats(stats), cand_user), weights
 
 
 # What the `attention` output holds, per arch (manifest `model.attention`): always the weights

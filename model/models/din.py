@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
@@ -11,6 +11,15 @@ from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import TargetAttention
 from model.modules.feedforward import MLP
 from model.modules.gather import per_candidate
+
+
+def target_head_logits(head: nn.Module, pooled: Tensor, cand: Tensor, stats: Tensor, cand_user: Tensor | None
+                       ) -> Tensor:
+    """The head of the target-attention archs (DIN, Transformer): pooled (N, d), cand (N, d), scaled stats
+    (U, S) -> logits (N,) from [pooled, cand, pooled ⊙ cand, stats of the candidate's user]."""
+    features = torch.cat([pooled, cand, pooled * cand, per_candidate(stats, cand_user)], dim=-1)  # (N, 3d + S)
+    logits: Tensor = head(features).squeeze(-1)
+    return logits
 
 
 class DIN(SequenceCTRModel):
@@ -27,5 +36,4 @@ class DIN(SequenceCTRModel):
                                                     per_candidate(mask, cand_user))
         else:
             pooled, weights = self.target_attention(tokens, cand, mask, cand_user)
-        features = torch.cat([pooled, cand, pooled * cand, per_candidate(self.scaled_stats(stats), cand_user)], dim=-1)
-        return self.head(features).squeeze(-1), weights
+        return target_head_logits(self.head, pooled, cand, self.scaled_stats(stats), cand_user), weights

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from model.feature_spec import FeatureSpec
 from model.models.config import ModelConfig
 from model.models.ctr_model import SequenceCTRModel
+from model.models.din import target_head_logits
 from model.modules.attention import SelfAttentionBlock, TargetAttention, sequence_attention_mask
 from model.modules.feedforward import MLP, RMSNorm
 from model.modules.gather import per_candidate
@@ -56,5 +56,4 @@ class TransformerCTR(SequenceCTRModel):
                                                         per_candidate(mask, cand_user))
             else:
                 pooled, weights = self.target_attention(encoded, cand, mask, cand_user)
-        features = torch.cat([pooled, cand, pooled * cand, per_candidate(self.scaled_stats(stats), cand_user)], dim=-1)
-        return self.head(features).squeeze(-1), weights
+        return target_head_logits(self.head, pooled, cand, self.scaled_stats(stats), cand_user), weights
