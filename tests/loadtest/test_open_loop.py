@@ -79,14 +79,16 @@ def _stalling_app(stall_at: float, stall_s: float) -> Any:
 
 
 def test_stall_shows_in_the_tail_no_coordinated_omission() -> None:
-    with serve_in_thread(_stalling_app(stall_at=0.8, stall_s=0.6)) as url:
-        report = run_load_sync(LoadConfig(url=url, rate=100, duration_s=2.0, candidates=1, users=5,
+    # 50 rps, not more: client and server share one process here, and on a slow shared 2-core VM a
+    # higher rate queues behind the GIL by itself, which would move the median without any stall.
+    with serve_in_thread(_stalling_app(stall_at=1.0, stall_s=0.8)) as url:
+        report = run_load_sync(LoadConfig(url=url, rate=50, duration_s=3.0, candidates=1, users=5,
                                           max_connections=4, seed=3))
     assert report["error_count"] == 0 and report["completed_ok"] == report["offered"]
-    # ~60 of ~200 arrivals fall in the stall and wait up to 600 ms; a closed-loop client would have
+    # ~40 of ~150 arrivals fall in the stall and wait up to 800 ms; a closed-loop client would have
     # sent one request during it and reported a tail of ~1 ms.
     assert report["p90_ms"] > 150, report["latency"]
-    assert report["max_ms"] > 400
+    assert report["max_ms"] > 600
     assert report["p50_ms"] < 100
     assert report["dispatch_lag"]["p99_ms"] < 50  # the dispatcher itself kept the schedule
     assert report["server"]["stages"] == {} and not report["server"]["scraped"]
