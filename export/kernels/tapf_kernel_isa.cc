@@ -316,6 +316,23 @@ inline void gate_real_tokens(const TapfPoolArgs* a, int64_t n, int64_t u, int64_
   }
 }
 
+// The T score rows p.S[t * L : t * L + n_real] of one candidate -> its weights w_out (T, L), exactly 0 on the
+// tokens that are not real, and pooled (T, d) = weights @ G; all zero when the candidate has no real token.
+inline void softmax_pool(const PoolScratch& p, int64_t T, int64_t n_real, int64_t L, int64_t d, float* w_out,
+                         float* pooled) {
+  for (int64_t i = 0; i < T * L; ++i) w_out[i] = 0.f;
+  if (n_real == 0) {
+    for (int64_t i = 0; i < T * d; ++i) pooled[i] = 0.f;
+    return;
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    float* w = p.S + t * L;
+    softmax(w, w, n_real);
+    pool_rows(p.G, w, n_real, d, pooled + t * d);
+    for (int64_t j = 0; j < n_real; ++j) w_out[t * L + p.real[j]] = w[j];
+  }
+}
+
 inline int64_t real_tokens(const TapfPoolArgs* a, int64_t u, int32_t* real) {
   const int64_t L = a->gate.length;
   const uint8_t* m = a->mask + u * L;
@@ -391,19 +408,7 @@ void pool_dot(const TapfPoolArgs* a, int64_t n_begin, int64_t n_end, float* scra
         for (; t < T; ++t) p.S[t * L + j0 + r] = dot(q + t * d, g, d);
       }
     });
-    float* w_out = a->weights + n * T * L;
-    float* pooled = a->pooled + n * T * d;
-    for (int64_t i = 0; i < T * L; ++i) w_out[i] = 0.f;
-    if (n_real == 0) {
-      for (int64_t i = 0; i < T * d; ++i) pooled[i] = 0.f;
-      continue;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      float* w = p.S + t * L;
-      softmax(w, w, n_real);
-      pool_rows(p.G, w, n_real, d, pooled + t * d);
-      for (int64_t j = 0; j < n_real; ++j) w_out[t * L + p.real[j]] = w[j];
-    }
+    softmax_pool(p, T, n_real, L, d, a->weights + n * T * L, a->pooled + n * T * d);
   }
 }
 
@@ -440,16 +445,7 @@ void pool_mlp(const TapfPoolArgs* a, int64_t n_begin, int64_t n_end, float* scra
         p.S[j0 + r] = s;
       }
     });
-    float* w_out = a->weights + n * L;
-    float* pooled = a->pooled + n * d;
-    for (int64_t k = 0; k < L; ++k) w_out[k] = 0.f;
-    if (n_real == 0) {
-      for (int64_t i = 0; i < d; ++i) pooled[i] = 0.f;
-      continue;
-    }
-    softmax(p.S, p.S, n_real);
-    pool_rows(p.G, p.S, n_real, d, pooled);
-    for (int64_t j = 0; j < n_real; ++j) w_out[p.real[j]] = p.S[j];
+    softmax_pool(p, 1, n_real, L, d, a->weights + n * L, a->pooled + n * d);
   }
 }
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -120,17 +121,24 @@ def _available_isas() -> list[str]:
     return isas
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "wide16", "avx512"])
-def test_kernel_matches_the_torch_op(library: Path, kernel_cases: Path, isa: str) -> None:
+def _run_with_isa(isa: str, script: str, library: Path, cases: Path) -> dict[str, Any]:
+    """Run `script` (library path, cases file) in a fresh process with TAPF_ISA=isa (the library picks its ISA
+    once per process); skip when this CPU lacks it. Returns the JSON the script prints last."""
     if isa not in _available_isas():
         pytest.skip(f"this CPU has no {isa}")
     env = {**os.environ, "TAPF_ISA": isa,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(library), str(kernel_cases)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-c", script, str(library), str(cases)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["isa"] == isa
+    return result
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "wide16", "avx512"])
+def test_kernel_matches_the_torch_op(library: Path, kernel_cases: Path, isa: str) -> None:
+    result = _run_with_isa(isa, _SCRIPT, library, kernel_cases)
     assert set(result["cases"]) == set(_CASES)
     for name, r in result["cases"].items():
         assert r["kernel"] < 1e-5, (name, r)
@@ -298,15 +306,7 @@ def pool_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "wide16", "avx512"])
 def test_fused_pooling_kernels_match_torch(library: Path, pool_cases: Path, isa: str) -> None:
-    if isa not in _available_isas():
-        pytest.skip(f"this CPU has no {isa}")
-    env = {**os.environ, "TAPF_ISA": isa,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(library), str(pool_cases)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["isa"] == isa
+    result = _run_with_isa(isa, _POOL_SCRIPT, library, pool_cases)
     assert set(result["cases"]) == {f"{m}/{name}" for m in _POOL_MODELS for name in _POOL_INPUTS}
     for name, r in result["cases"].items():
         assert r["kernel"] < 1e-5, (name, r)
