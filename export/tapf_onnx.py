@@ -63,13 +63,16 @@ def TAPFGate(
 
 
 
-def op_schema() -> onnx.defs.OpSchema:
-    """The node's schema (for the exporter; not registered globally)."""
+def op_schema(name: str = TAPF_OP, inputs: tuple[str, ...] = TAPF_INPUTS,
+              outputs: tuple[str, ...] = ("gated",)) -> onnx.defs.OpSchema:
+    """A `tapf.fused` node's schema (for the exporter; not registered globally): float32 everywhere but the
+    int64 `cand_user` and the bool `mask`."""
     param = onnx.defs.OpSchema.FormalParameter
-    inputs = [param(name, "tensor(int64)" if name == "cand_user" else "T") for name in TAPF_INPUTS]
+    types = {"cand_user": "tensor(int64)", "mask": "tensor(bool)"}
     return onnx.defs.OpSchema(
-        TAPF_OP, TAPF_DOMAIN, TAPF_DOMAIN_VERSION,
-        doc=__doc__ or "", inputs=inputs, outputs=[param("gated", "T")],
+        name, TAPF_DOMAIN, TAPF_DOMAIN_VERSION,
+        doc=__doc__ or "", inputs=[param(n, types.get(n, "T")) for n in inputs],
+        outputs=[param(n, "T") for n in outputs],
         type_constraints=[("T", ["tensor(float)"], "float32 activations and weights")],
     )
 
@@ -80,6 +83,11 @@ def op_schema() -> onnx.defs.OpSchema:
 _TAPF_NODE = Op(tapf_opset, TAPF_OP, op_schema())
 
 
+def _input_major(*weights: Any) -> list[Any]:
+    """`F.linear` weights (d_out, d_in) -> the nodes' (d_in, d_out), as Transposes of constants (folded later)."""
+    return [op.Transpose(w, perm=[1, 0]) for w in weights]
+
+
 def translate_tapf_gate(tokens: Any, polarity: Any, cand: Any, cand_user: Any, w_int: Any, w_tok: Any,
                         w_mix: Any, pol_bias: Any) -> Any:
     """Custom translation of `torch.ops.tapf.gate.default` into one `tapf.fused::TAPFGate` node.
@@ -87,8 +95,8 @@ def translate_tapf_gate(tokens: Any, polarity: Any, cand: Any, cand_user: Any, w
     The torch op takes `F.linear` weights (d_out, d_in); the node takes (d_in, d_out). The
     transposes are of constants and are folded into initializers right after export.
     """
-    return _TAPF_NODE(tokens, polarity, cand, cand_user, op.Transpose(w_int, perm=[1, 0]),
-                      op.Transpose(w_tok, perm=[1, 0]), op.Transpose(w_mix, perm=[1, 0]), pol_bias)
+    return _TAPF_NODE(tokens, polarity, cand, cand_user, *_input_major(w_int, w_tok, w_mix), pol_bias)
+
 
 
 def function_proto() -> onnx.FunctionProto:
@@ -184,33 +192,22 @@ def TAPFGateMLPPool(
     return pooled, weights
 
 
-def _pool_schema(name: str, inputs: tuple[str, ...]) -> onnx.defs.OpSchema:
-    param = onnx.defs.OpSchema.FormalParameter
-    types = {"cand_user": "tensor(int64)", "mask": "tensor(bool)"}
-    return onnx.defs.OpSchema(
-        name, TAPF_DOMAIN, TAPF_DOMAIN_VERSION, doc=__doc__ or "",
-        inputs=[param(n, types.get(n, "T")) for n in inputs], outputs=[param("pooled", "T"), param("weights", "T")],
-        type_constraints=[("T", ["tensor(float)"], "float32 activations and weights")],
-    )
-
-
-_DOT_POOL_NODE = Op(tapf_opset, TAPF_DOT_POOL_OP, _pool_schema(TAPF_DOT_POOL_OP, DOT_POOL_INPUTS))
-_MLP_POOL_NODE = Op(tapf_opset, TAPF_MLP_POOL_OP, _pool_schema(TAPF_MLP_POOL_OP, MLP_POOL_INPUTS))
+_POOL_OUTPUTS = ("pooled", "weights")
+_DOT_POOL_NODE = Op(tapf_opset, TAPF_DOT_POOL_OP, op_schema(TAPF_DOT_POOL_OP, DOT_POOL_INPUTS, _POOL_OUTPUTS))
+_MLP_POOL_NODE = Op(tapf_opset, TAPF_MLP_POOL_OP, op_schema(TAPF_MLP_POOL_OP, MLP_POOL_INPUTS, _POOL_OUTPUTS))
 
 
 def translate_gate_dot_pool(tokens: Any, polarity: Any, cand: Any, cand_user: Any, w_int: Any, w_tok: Any,
                             w_mix: Any, pol_bias: Any, mask: Any, query: Any) -> Any:
     """`torch.ops.tapf.gate_dot_pool.default` -> one `tapf.fused::TAPFGateDotPool` node (weights as in
     `translate_tapf_gate`)."""
-    return _DOT_POOL_NODE(tokens, polarity, cand, cand_user, op.Transpose(w_int, perm=[1, 0]),
-                          op.Transpose(w_tok, perm=[1, 0]), op.Transpose(w_mix, perm=[1, 0]), pol_bias, mask, query,
-                          _num_outputs=2)
+    return _DOT_POOL_NODE(tokens, polarity, cand, cand_user, *_input_major(w_int, w_tok, w_mix), pol_bias, mask,
+                          query, _num_outputs=2)
 
 
 def translate_gate_mlp_pool(tokens: Any, polarity: Any, cand: Any, cand_user: Any, w_int: Any, w_tok: Any,
                             w_mix: Any, pol_bias: Any, mask: Any, att_cand: Any, w_token: Any, w_product: Any,
                             att_bias: Any, w_score: Any) -> Any:
     """`torch.ops.tapf.gate_mlp_pool.default` -> one `tapf.fused::TAPFGateMLPPool` node."""
-    return _MLP_POOL_NODE(tokens, polarity, cand, cand_user, op.Transpose(w_int, perm=[1, 0]),
-                          op.Transpose(w_tok, perm=[1, 0]), op.Transpose(w_mix, perm=[1, 0]), pol_bias, mask,
+    return _MLP_POOL_NODE(tokens, polarity, cand, cand_user, *_input_major(w_int, w_tok, w_mix), pol_bias, mask,
                           att_cand, w_token, w_product, att_bias, w_score, _num_outputs=2)
