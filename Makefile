@@ -12,7 +12,7 @@ $(BIN)/polarity: pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	# torch is pinned exactly: an unpinned torch pulls gigabytes of CUDA wheels.
 	$(PYTHON) -m pip install -q "torch==2.13.0"
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[train,dev]"
 	touch $@
 
 setup: $(BIN)/polarity kernel

@@ -5,11 +5,11 @@ opens `model.onnx` with ONNX Runtime.
 
 A bundle directory holds
 
-    model.onnx            the graph: inputs `model.batch.INPUT_NAMES`; outputs `probability` (N,) and,
+    model.onnx            the graph: inputs `model.features.inputs.INPUT_NAMES`; outputs `probability` (N,) and,
                           in bundles that have it, `attention` (N, L) (see `ATTENTION_NAME`)
     model.opt.onnx        optional ONNX Runtime-optimised copy (`polarity export --optimize`)
     feature_spec.json     `FeatureSpec.to_dict()` the model was trained with
-    vocab/*.json          the training vocabulary (`model.vocab.VOCAB_FILES`)
+    vocab/*.json          the training vocabulary (`model.features.vocab.VOCAB_FILES`)
     manifest.json         what the model is plus the sha256 of every other file
 
 `load_manifest` validates the manifest against `MANIFEST_SCHEMA`, checks every file's sha256 and,
@@ -27,9 +27,9 @@ from typing import Any
 
 import jsonschema
 
-from model.batch import INPUT_NAMES
-from model.feature_spec import FeatureSpec, SpecError
-from model.vocab import VOCAB_FILES, Vocabulary
+from model.features.inputs import INPUT_NAMES
+from model.features.spec import FeatureSpec, SpecError
+from model.features.vocab import VOCAB_FILES, Vocabulary
 
 __all__ = [
     "ATTENTION_NAME",
@@ -45,6 +45,7 @@ __all__ = [
     "BundleError",
     "BundleExpectation",
     "Manifest",
+    "check_expectation",
     "load_manifest",
     "sha256_file",
     "verify_bundle",
@@ -300,7 +301,8 @@ def spec_differences(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> 
     return diffs
 
 
-def _check_expectation(manifest: Manifest, expect: BundleExpectation) -> None:
+def check_expectation(manifest: Manifest, expect: BundleExpectation) -> None:
+    """Refuse (BundleError) a loaded bundle whose inputs, outputs or feature spec differ from `expect`."""
     where = manifest.root
     if tuple(expect.input_names) != manifest.input_names:
         raise BundleError(f"{where}: graph inputs are {list(manifest.input_names)}, the caller feeds "
@@ -349,5 +351,5 @@ def load_manifest(bundle_dir: Path | str, *, expect: BundleExpectation | None = 
         if diffs:
             raise BundleError(f"{root}: {data['feature_spec_file']} disagrees with the manifest: {diffs[0]}")
     if expect is not None:
-        _check_expectation(manifest, expect)
+        check_expectation(manifest, expect)
     return manifest

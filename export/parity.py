@@ -22,9 +22,9 @@ import numpy as np
 
 from export.bundle import ATTENTION_NAME, MODEL_FILE, OPTIMIZED_MODEL_FILE, OUTPUT_NAME, load_manifest
 from export.custom_kernel import kernel_library_path, register_kernel
-from export.onnx_export import ExportError, load_run, random_inputs, reference_outputs
-from model.batch import InputArrays, inputs_from_sequences
-from model.feature_spec import FeatureSpec
+from export.reference import ExportError, load_run, random_inputs, reference_outputs
+from model.features.inputs import InputArrays, inputs_from_sequences
+from model.features.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def data_cases(run: Any, *, n_requests: int, max_candidates: int, seed: int) -> 
                                                                                         str]:
     """Requests built from the run's own log (real sequences, the run's vocabulary)."""
     from model.data.loaders import load_events
-    from model.samples import encode_events, history_table, sample_source
+    from model.data.samples import encode_events, history_table, sample_source
 
     cfg = run.train_config
     if not cfg.data or not Path(cfg.data).exists():

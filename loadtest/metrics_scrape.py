@@ -75,7 +75,9 @@ def quantile(h: HistogramSnapshot, q: float) -> float | None:
 
 def summarize(h: HistogramSnapshot) -> dict[str, Any]:
     """count, mean and bucket-interpolated p50/p90/p99 in ms."""
-    ms = lambda s: None if s is None else s * 1e3  # noqa: E731
+    def ms(s: float | None) -> float | None:
+        return None if s is None else s * 1e3
+
     return {"count": int(h.count), "mean_ms": ms(h.total / h.count) if h.count > 0 else None,
             "p50_ms": ms(quantile(h, 0.50)), "p90_ms": ms(quantile(h, 0.90)), "p99_ms": ms(quantile(h, 0.99))}
 

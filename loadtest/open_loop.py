@@ -85,7 +85,7 @@ def _error_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-class _Bodies:
+class RequestBodies:
     """Pre-serialised request bodies: candidate lists built once, user ids spliced in per request."""
 
     def __init__(self, cfg: LoadConfig, rng: np.random.Generator, *, variants: int = 32) -> None:
@@ -122,7 +122,7 @@ async def scrape_metrics(client: httpx.AsyncClient, url: str) -> str | None:
     return r.text if r.status_code == 200 else None
 
 
-async def warm_histories(client: httpx.AsyncClient, bodies: _Bodies, per_user: int, *, batch: int = 500) -> int:
+async def warm_histories(client: httpx.AsyncClient, bodies: RequestBodies, per_user: int, *, batch: int = 500) -> int:
     """Post `per_user` events for every pool user (timestamps in the past) so sequences are full."""
     if per_user <= 0:
         return 0
@@ -142,7 +142,7 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
     """One open-loop run; returns the JSON-ready report."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     rng = np.random.default_rng(cfg.seed)
-    bodies = _Bodies(cfg, rng)
+    bodies = RequestBodies(cfg, rng)
     arrivals = arrival_times(cfg.rate, cfg.duration_s, rng)
     kinds = np.where(rng.random(len(arrivals)) < cfg.events_mix, "events", "score")
     headers = {"content-type": "application/json"}
@@ -242,7 +242,9 @@ def format_report(report: dict[str, Any]) -> str:
     """A few human-readable lines of a `run_load` report."""
     lat = report.get("latency", {}).get("score", {})
     keys = [percentile_key(q) for q in (50.0, 90.0, 99.0, 99.9)]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
     lines = [
         f"offered {report['offered_rps']:.1f} rps, achieved {report['achieved_rps']:.1f} rps "
         f"({report['completed_ok']} ok, {report['error_count']} errors {report['errors'] or ''})",

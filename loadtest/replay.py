@@ -7,7 +7,7 @@ with `request_time` = the impression's timestamp, and then its real outcome is p
 `/v1/events`. The online scores give online AUC / GAUC / logloss and latencies.
 
 The same bundle is also evaluated offline on the same impressions, by the trainer's path:
-`model.samples` (`encode_events`, `history_table`, `sample_source`, i.e. `build_sequences` over the
+`model.data.samples` (`encode_events`, `history_table`, `sample_source`, i.e. `build_sequences` over the
 whole log) with the bundle's vocabulary and feature spec, scored by the bundle's ONNX model (or
 the run's torch model with `run_dir`). Both paths see the same events under the same rule, so the
 AUCs must agree within `tolerance` (0.001); a larger gap is a training/serving skew failure,
@@ -40,11 +40,11 @@ from tqdm import tqdm
 from loadtest.latency_histogram import LatencyHistogram
 from model.data.events import EventTable
 from model.data.loaders import load_events
-from model.feature_spec import FIRST_ID_INDEX, OOV_INDEX, FeatureSpec
-from model.metrics import summarize
-from model.samples import SampleSource, encode_events, history_table, sample_source
-from model.sequence import SequenceBatch
-from model.vocab import Vocabulary
+from model.data.samples import SampleSource, encode_events, history_table, sample_source
+from model.features.sequence import SequenceBatch
+from model.features.spec import FIRST_ID_INDEX, OOV_INDEX, FeatureSpec
+from model.features.vocab import Vocabulary
+from model.training.metrics import summarize
 
 SKEW_INJECTIONS = ("inclusive-cutoff",)
 DEGRADED_RETRIES = 3
@@ -144,7 +144,8 @@ def offline_scores(table: EventTable, rows: np.ndarray, *, bundle: Path, run_dir
     events = encode_events(table, vocab)
     source = sample_source(events, history_table(events), rows=rows, spec=spec.sequence, n_items=vocab.n_items)
     if run_dir is not None:
-        from model.train import load_checkpoint, predict
+        from model.training.checkpoint import load_checkpoint
+        from model.training.evaluate import predict
 
         probs = predict(load_checkpoint(run_dir).model, source, batch_size=batch_size)
     else:
@@ -202,7 +203,9 @@ async def replay_online(client: httpx.AsyncClient, table: EventTable, prefix: np
                   request_time=table.timestamp[window].astype(np.float64),
                   score_latency=LatencyHistogram(), event_latency=LatencyHistogram(),
                   load_event_latency=LatencyHistogram())
-    payload = lambda row: _event_payload(table, int(row), run_id=run_id, user_prefix=cfg.user_prefix)  # noqa: E731
+    def payload(row: int) -> dict[str, Any]:
+        return _event_payload(table, int(row), run_id=run_id, user_prefix=cfg.user_prefix)
+
 
     t0 = time.perf_counter()
     bar = tqdm(total=len(prefix) + len(window), unit="event", disable=not cfg.progress, desc="replay: load history")
@@ -375,7 +378,9 @@ async def run_replay(cfg: ReplayConfig, client: httpx.AsyncClient, *, read_histo
 
 def format_report(report: dict[str, Any]) -> str:
     on, off, skew = report["online"], report["offline"], report["skew"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
     lat = report["latency"]["score"]
     w = report["window"]
     lines = [
@@ -427,7 +432,8 @@ def _history_reader(redis_url: str | None, key_prefix: str | None) -> Iterator[C
         return
 
     def make() -> Any:
-        from service.history_store import HistoryStore, create_redis
+        from service.history_store import HistoryStore
+        from service.redis_client import create_redis
 
         redis = create_redis(redis_url, connect_timeout_s=2.0, op_timeout_s=5.0, max_connections=4, retries=1)
         return redis, HistoryStore(redis=redis, key_prefix=key_prefix)
@@ -467,7 +473,7 @@ def replay_in_process(cfg: ReplayConfig, *, redis_url: str, key_prefix: str | No
     Histories go under a fresh key prefix (deleted afterwards unless keep_keys), so a replay never
     reads or disturbs anybody else's data.
     """
-    from loadtest.live_server import serve_in_thread
+    from loadtest.harness.live_server import serve_in_thread
     from service.app import create_app
     from service.settings import Settings
 

@@ -6,12 +6,10 @@ degrades, /readyz says not ready); a bundle that cannot be served does (StartupE
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
@@ -20,7 +18,6 @@ from export.custom_kernel import kernel_status
 from service.errors import StartupError, install_error_handlers
 from service.event_mapping import EventMapping
 from service.event_writer import EventWriter
-from service.history_store import HistoryStore, create_redis
 from service.inference import InferenceBackend, inference_workers, onnx_backend_factory
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, ErrorBoundaryMiddleware, MetricsMiddleware
@@ -29,50 +26,13 @@ from service.routers import events, health, metrics, model, score
 from service.runtime import Runtime
 from service.scoring import MicroBatcher, Scorer
 from service.settings import Settings
+from service.startup import freeze_startup_objects, open_store, start_metrics_server, unfreeze_objects
 
 log = logging.getLogger("polarity.service")
 
 API_DESCRIPTION = """Skip-aware CTR scoring. Histories of positive (click, like) and negative (skip, dislike)
 events live in Redis; each score request assembles the user's mixed-polarity sequence with the
 trainer's own builder and runs the exported model in ONNX Runtime."""
-
-
-def open_store(settings: Settings) -> HistoryStore:
-    """The Redis client and history store the settings describe (the ingester uses it too)."""
-    redis = create_redis(
-        settings.redis_url,
-        connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
-        op_timeout_s=settings.redis_timeout_ms / 1000.0,
-        max_connections=settings.redis_max_connections,
-        retries=settings.redis_retries,
-    )
-    return HistoryStore(redis=redis, cap=settings.history_cap, ttl_s=settings.history_ttl_s,
-                        dedupe_ttl_s=settings.dedupe_ttl_s, key_prefix=settings.key_prefix)
-
-
-def start_metrics_server(settings: Settings, metrics: ServiceMetrics) -> Any:
-    """/metrics on its own port (settings.metrics_port); returns the server to shut down."""
-    from prometheus_client import start_http_server
-
-    assert settings.metrics_port is not None
-    server, _thread = start_http_server(settings.metrics_port, addr=settings.host, registry=metrics.registry)
-    return server
-
-
-def freeze_startup_objects() -> None:
-    """Collect once, then exempt everything alive from later cyclic collections (`gc.freeze`).
-
-    What startup built lives as long as the process; left in the oldest generation, every full
-    collection walks it again (~100k objects here: a pause of tens of ms inside some request).
-    Frozen objects are still freed by reference counting; only cycles among them would stay."""
-    gc.collect()
-    gc.freeze()
-
-
-def unfreeze_objects() -> None:
-    """Give frozen objects back to the collector (at shutdown: an app built and stopped inside a
-    longer-lived process, e.g. a test run, leaves no uncollectable cycles behind)."""
-    gc.unfreeze()
 
 
 def create_app(

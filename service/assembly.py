@@ -1,7 +1,7 @@
 """The online path of the one sequence builder: raw histories from Redis -> `SequenceBatch`. Torch-free.
 
-Raw ids become vocabulary indices exactly as the trainer's `model.samples.encode_events` maps them,
-then `model.sequence.build_sequences` — the same function the trainer uses — selects and merges
+Raw ids become vocabulary indices exactly as the trainer's `model.data.samples.encode_events` maps them,
+then `model.features.sequence.build_sequences` — the same function the trainer uses — selects and merges
 the tokens. Nothing here selects, merges or pads on its own.
 
 Mapping (identical to offline):
@@ -21,15 +21,11 @@ from itertools import chain
 
 import numpy as np
 
-from model.feature_spec import SequenceSpec
-from model.sequence import HistoryTable, PolarityStreams, SequenceBatch, build_sequences
-from model.vocab import Vocabulary
+from model.features.events import normalise_event_name
+from model.features.sequence import HistoryTable, PolarityStreams, SequenceBatch, build_sequences
+from model.features.spec import SequenceSpec
+from model.features.vocab import Vocabulary
 from service.history_store import RawHistory, UserHistory
-
-
-def normalise_event_name(name: str) -> str:
-    """The event-type spelling of the offline log reader (`model.data.events.table_from_arrow`)."""
-    return str(name).strip().lower()
 
 
 def assemble_sequences(
@@ -72,12 +68,10 @@ def _streams(raws: Sequence[RawHistory], sign: int, vocab: Vocabulary) -> Polari
     item = vocab.item_index(chain.from_iterable(r.item_ids for r in raws))
     category = vocab.category_index(chain.from_iterable(r.categories for r in raws))
     event = _event_index([e for r in raws for e in r.events], sign, vocab)
-    # The store returns each history sorted already; sorting again costs little and makes the
-    # builder's (timestamp, seq) precondition hold for histories from anywhere.
-    order = np.lexsort((seq, timestamp, user))
+    # Each history comes sorted by (timestamp, seq) from the store (`RawHistory`'s contract), and the users
+    # are concatenated in order: the streams are user-sorted as they are.
     return PolarityStreams.from_user_sorted(
-        n_users=n_users, user=user[order], item=item[order], category=category[order],
-        event=event[order], timestamp=timestamp[order], seq=seq[order],
+        n_users=n_users, user=user, item=item, category=category, event=event, timestamp=timestamp, seq=seq,
     )
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from service.assembly import normalise_event_name
+from model.features.events import GENERIC_EVENT, label_polarity, normalise_event_name
 from service.history_store import HistoryEvent
 from service.schemas import EventIn
-
-LABEL_EVENT = {1: "positive", -1: "negative"}
 
 
 class MappedEvent(NamedTuple):
@@ -39,8 +37,8 @@ class EventMapping:
         name = normalise_event_name(row.event) if row.event is not None else ""
         metric_event = name if name in self.polarity else ("label" if row.label is not None else "unknown")
         if row.label is not None:
-            sign = 1 if row.label == 1 else -1
-            event = name or LABEL_EVENT[sign]
+            sign = label_polarity(row.label)
+            event = name or GENERIC_EVENT[sign]
         elif not name:
             return MappedEvent(event=None, reason="needs `event` or `label`", metric_event="unknown")
         elif name not in self.polarity:

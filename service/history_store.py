@@ -12,7 +12,7 @@ user id's UTF-8 bytes, so no id — unicode, `{`, `}`, `:` — can break the tag
 A history member is `<16-digit zero-padded seq>:<compact JSON [item_id, event, category]>` with
 score = event timestamp. Redis orders a ZSET by (score, member) and equal-length zero-padded
 numbers sort like integers, so a history reads back in (timestamp, arrival) order: a late event
-lands at its timestamp position, and ties keep arrival order — the order `model.sequence` uses.
+lands at its timestamp position, and ties keep arrival order — the order `model.features.sequence` uses.
 
 Writes run as one Lua script call for many users at once (a user's events of one write are
 always in the same call, so a write is atomic per user); calls cover whole users and at most
@@ -35,19 +35,14 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string  # C when available
-from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import numpy as np
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
-    DataError,
     NoScriptError,
     ReadOnlyError,
     RedisClusterException,
@@ -60,10 +55,8 @@ from redis.exceptions import (
 from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
-from redis.utils import HIREDIS_AVAILABLE
 
-if HIREDIS_AVAILABLE:  # redis[hiredis] is a dependency; redis-py itself only uses hiredis >= 3.2
-    import hiredis
+from service.history_scripts import APPEND_SCRIPT, READ_SCRIPT
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
@@ -162,125 +155,6 @@ def _redis_errors() -> Iterator[None]:
         raise HistoryStoreError(f"redis error: {type(exc).__name__}: {exc}") from exc
 
 
-def create_redis(
-    url: str,
-    *,
-    connect_timeout_s: float,
-    op_timeout_s: float,
-    max_connections: int,
-    retries: int,
-    pool_timeout_s: float | None = None,
-    health_check_interval_s: int = 15,
-) -> Redis:
-    """An asyncio Redis client that never waits without bound.
-
-    connect_timeout_s / op_timeout_s: socket connect and read/write timeouts; max_connections:
-    pool size (callers beyond it wait up to pool_timeout_s, default op_timeout_s, then fail);
-    retries: extra attempts on connection errors and timeouts, with exponential backoff.
-
-    `redis+cluster://host:port[,host:port...]` (or `rediss+cluster://`) gives a Redis Cluster client
-    (`redis.asyncio.cluster.RedisCluster`, the listed nodes as startup nodes, max_connections per
-    node). It offers the commands the store and the stream consumer use, so callers need no branch;
-    its type is still declared `Redis` to keep this signature for existing callers.
-    """
-    if connect_timeout_s <= 0 or op_timeout_s <= 0:
-        raise ValueError("timeouts must be > 0")
-    if max_connections < 1:
-        raise ValueError("max_connections must be >= 1")
-    if retries < 0:
-        raise ValueError("retries must be >= 0 (a negative count would retry forever)")
-    retry = Retry(
-        ExponentialBackoff(cap=min(1.0, max(op_timeout_s, 0.01)), base=0.005),
-        retries,
-        supported_errors=(RedisConnectionError, RedisTimeoutError),
-    )
-    if urlsplit(url).scheme.lower() in CLUSTER_SCHEMES:
-        return cast(Redis, _create_cluster(url, connect_timeout_s=connect_timeout_s, op_timeout_s=op_timeout_s,
-                                           max_connections=max_connections, retry=retry,
-                                           health_check_interval_s=health_check_interval_s))
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=op_timeout_s if pool_timeout_s is None else pool_timeout_s,
-        socket_connect_timeout=connect_timeout_s,
-        socket_timeout=op_timeout_s,
-        retry=retry,
-        health_check_interval=health_check_interval_s,
-    )
-    pool.connection_class = _hiredis_packing(pool.connection_class)  # before the pool makes any connection
-    return Redis.from_pool(pool)
-
-
-class _HiredisCommandPacking:
-    """Connection mixin: commands packed into the wire format by hiredis (C), as redis-py's
-    synchronous client does whenever hiredis is installed; its asyncio connections pack in Python,
-    ~0.5-1 µs per argument, which a 500-event append (~2,500 arguments) feels. Same bytes, same
-    errors (`DataError` for a value of a type Redis cannot take)."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        # As redis-py's own packers: a multi-word command name ('SCRIPT LOAD') is split in words.
-        if isinstance(args[0], str):
-            args = (*args[0].encode().split(), *args[1:])
-        elif b" " in args[0]:
-            args = (*args[0].split(), *args[1:])
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError:
-            pass
-        # hiredis takes bytes but not bytearray / memoryview: copied (rare), then a last try.
-        packable: Any = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
-        try:
-            return [hiredis.pack_command(packable)]
-        except TypeError as exc:
-            raise DataError(str(exc)) from exc
-
-
-_PACKING_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}
-
-
-def _hiredis_packing(connection_class: type[AbstractConnection]) -> type[AbstractConnection]:
-    """`connection_class` with `_HiredisCommandPacking` (the class itself without hiredis >= 3.2, which
-    is what redis-py requires to use hiredis at all). One subclass per class, made once."""
-    if not HIREDIS_AVAILABLE:
-        return connection_class
-    if connection_class not in _PACKING_CLASSES:
-        _PACKING_CLASSES[connection_class] = type(connection_class.__name__,
-                                                  (_HiredisCommandPacking, connection_class), {})
-    return _PACKING_CLASSES[connection_class]
-
-
-CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-
-
-def _create_cluster(
-    url: str, *, connect_timeout_s: float, op_timeout_s: float, max_connections: int, retry: Retry,
-    health_check_interval_s: int,
-) -> RedisCluster:
-    """`redis+cluster://[user:password@]host:port[,host:port...][/0]` -> RedisCluster."""
-    parts = urlsplit(url)
-    auth, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = auth.partition(":")
-    if parts.path not in ("", "/", "/0"):
-        raise ValueError(f"Redis Cluster has only database 0, got {parts.path!r} in the URL")
-    nodes = []
-    for hostport in hosts.split(","):
-        host, _, port = hostport.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"cluster URL node {hostport!r} is not host:port")
-        nodes.append(ClusterNode(host.strip("[]"), int(port)))
-    return RedisCluster(
-        startup_nodes=nodes,
-        username=unquote(username) or None,
-        password=unquote(password) or None,
-        ssl=parts.scheme.lower().startswith("rediss"),
-        max_connections=max_connections,
-        socket_connect_timeout=connect_timeout_s,
-        socket_timeout=op_timeout_s,
-        retry=retry,
-        health_check_interval=health_check_interval_s,
-    )
-
-
 def user_tag(user_id: str) -> str:
     """The user part of the hash tag: urlsafe base64 (no padding) of the id's UTF-8 bytes."""
     return base64.urlsafe_b64encode(user_id.encode("utf-8")).rstrip(b"=").decode("ascii")
@@ -291,121 +165,6 @@ def user_tag(user_id: str) -> str:
 # not hold up the score requests' reads, nor outlast the client's read timeout. Calls of 128 cost
 # Redis no more CPU per event than calls of 512 (measured), the per-call work is that small.
 EVENTS_PER_CALL = 128
-
-# KEYS: 4 per user (pos, neg, seq, dedupe), users in call order. ARGV: cap, ttl_s, dedupe_ttl_s,
-# the events' text, then one per event: '' (no event id) or '=' .. event_id (the dedupe member).
-# The events' text holds, per user in KEYS order, a line with his event count, then per event two
-# lines: ('p' or 'n') .. timestamp, and the payload (compact JSON: it never holds a raw newline;
-# event ids may, so they travel as arguments of their own). Returns per event, in that order,
-# 1 (accepted) / 0 (duplicate).
-#
-# Every user's keys get what the one-user-per-call script gave them: an id is a duplicate while
-# its dedupe entry has not expired, accepted events take the next arrival counters in order, both
-# histories are kept within `cap` and all keys' TTLs refreshed. What makes it cheaper per event:
-# - one call for many users: no per-user EVALSHA (parsing, script lookup, Lua call set-up);
-# - one text argument instead of three per event: cheaper for the client to send and for Redis
-#   to take apart;
-# - numbers reach redis.call as strings: a Lua number argument is formatted with '%.17g' on
-#   every call;
-# - `ZADD NX` answers "seen before?" and records the id in one command; an entry that is still
-#   there but expired (purged lazily) is re-armed and the event accepted;
-# - dedupe expiries are whole seconds (the id is remembered up to 1 s longer): a small sorted
-#   set (listpack) stores an integral score as an integer, so finding a position does not parse a
-#   decimal string per entry;
-# - expired ids are purged when the user's counter passes a multiple of 64, not on every write
-#   (the set holds at most 64 expired ids beyond the live ones);
-# - one INCRBY and one ZADD per user and polarity, not one per event;
-# - no trim while the user's counter is within cap (nothing to remove: see the script).
-_APPEND_LUA = """
-local cap = tonumber(ARGV[1])
-local trim = tostring(-(cap + 1))
-local ttl = ARGV[2]
-local dttl = ARGV[3]
-local text = ARGV[4]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local find, sub, byte, format = string.find, string.sub, string.byte, string.format
-local expiry = format('%d', tonumber(t[1]) + tonumber(dttl) + 1)
-local function zadd(key, scored)
-  -- unpack() is bounded by the Lua stack: at most 500 members per ZADD
-  for lo = 1, #scored, 1000 do
-    redis.call('ZADD', key, unpack(scored, lo, math.min(lo + 999, #scored)))
-  end
-end
-local out = {}
-local at = 1  -- read position in text
-local e = 0  -- events read so far
-for u = 0, #KEYS / 4 - 1 do
-  local kpos, kneg, kseq, kded = KEYS[4 * u + 1], KEYS[4 * u + 2], KEYS[4 * u + 3], KEYS[4 * u + 4]
-  local stop = find(text, '\\n', at, true)
-  local n = tonumber(sub(text, at, stop - 1))
-  at = stop + 1
-  local fresh = {}
-  local ids = false
-  for _ = 1, n do
-    e = e + 1
-    local head_end = find(text, '\\n', at, true)
-    local payload_end = find(text, '\\n', head_end + 1, true)
-    local id = ARGV[4 + e]
-    local ok = true
-    if id ~= '' then
-      ids = true
-      if redis.call('ZADD', kded, 'NX', expiry, id) == 0 then
-        if tonumber(redis.call('ZSCORE', kded, id)) > now then
-          ok = false
-        else
-          redis.call('ZADD', kded, expiry, id)
-        end
-      end
-    end
-    if ok then
-      fresh[#fresh + 1] = at  -- 'p'/'n' at `at`, timestamp up to head_end, then the payload
-      fresh[#fresh + 1] = head_end
-      fresh[#fresh + 1] = payload_end
-      out[e] = 1
-    else
-      out[e] = 0
-    end
-    at = payload_end + 1
-  end
-  local nfresh = #fresh / 3
-  if nfresh > 0 then
-    local total = redis.call('INCRBY', kseq, format('%d', nfresh))
-    local s = total - nfresh
-    local pos, neg = {}, {}
-    for j = 1, nfresh do
-      local from, head_end, payload_end = fresh[3 * j - 2], fresh[3 * j - 1], fresh[3 * j]
-      local z = neg
-      if byte(text, from) == 112 then z = pos end  -- 'p'
-      z[#z + 1] = sub(text, from + 1, head_end - 1)
-      z[#z + 1] = format('%016d:%s', s + j, sub(text, head_end + 1, payload_end - 1))
-    end
-    if #pos > 0 then zadd(kpos, pos) end
-    if #neg > 0 then zadd(kneg, neg) end
-    -- The counter counts every event ever added to either history (it is set and expires with
-    -- them): while it is within cap, neither history can be longer than cap.
-    if total > cap then
-      redis.call('ZREMRANGEBYRANK', kpos, '0', trim)
-      redis.call('ZREMRANGEBYRANK', kneg, '0', trim)
-    end
-    if ids and math.floor(s / 64) ~= math.floor(total / 64) then
-      redis.call('ZREMRANGEBYSCORE', kded, '-inf', t[1])
-    end
-  end
-  redis.call('EXPIRE', kpos, ttl)
-  redis.call('EXPIRE', kneg, ttl)
-  redis.call('EXPIRE', kseq, ttl)
-  if ids then redis.call('EXPIRE', kded, dttl) end
-end
-return out
-"""
-
-# KEYS: pos, neg. Scores come back as the exact text Redis formats them in (%.17g), not as Lua
-# numbers, so timestamps round-trip bit for bit.
-_READ_LUA = """
-return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
-        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
-"""
 
 
 class HistoryStore:
@@ -431,8 +190,8 @@ class HistoryStore:
         self.ttl_s = int(ttl_s)
         self.dedupe_ttl_s = int(dedupe_ttl_s)
         self.key_prefix = key_prefix
-        self._append_script = redis.register_script(_APPEND_LUA)
-        self._read_script = redis.register_script(_READ_LUA)
+        self._append_script = redis.register_script(APPEND_SCRIPT)
+        self._read_script = redis.register_script(READ_SCRIPT)
 
     # ----------------------------------------------------------------------------------- keys
 
@@ -489,7 +248,7 @@ class HistoryStore:
         """The I/O half of `append`: run the prepared calls; per event "accepted" or "duplicate"."""
         if not prepared.calls:
             return []
-        replies = await self._eval_many(self._append_script.sha, _APPEND_LUA, prepared.calls)
+        replies = await self._eval_many(self._append_script.sha, APPEND_SCRIPT, prepared.calls)
         out = [DUPLICATE] * prepared.n_events
         for call_rows, reply in zip(prepared.rows_per_call, replies, strict=True):
             flags = list(reply)
@@ -542,7 +301,7 @@ class HistoryStore:
         for user_id in user_ids:
             k = self.keys(user_id)
             calls.append(([k["pos"], k["neg"]], []))
-        replies = await self._eval_many(self._read_script.sha, _READ_LUA, calls)
+        replies = await self._eval_many(self._read_script.sha, READ_SCRIPT, calls)
         return [
             UserHistory(positives=_decode(reply[0]), negatives=_decode(reply[1])) for reply in replies
         ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from export.bundle import ATTENTION_NAME, OUTPUT_NAME, Manifest
 from export.custom_kernel import kernel_status, register_kernel
-from model.batch import INPUT_NAMES, USER_INPUTS
+from model.features.inputs import INPUT_NAMES, USER_INPUTS
 from service.errors import StartupError
 from service.settings import Settings
 
@@ -38,7 +38,7 @@ KERNEL_FUNCTION = "onnx-function"
 
 @runtime_checkable
 class InferenceBackend(Protocol):
-    """Scores model inputs: `{name: array}` keyed by `model.batch.INPUT_NAMES` ->
+    """Scores model inputs: `{name: array}` keyed by `model.features.inputs.INPUT_NAMES` ->
     `{"probs": (N,) float32, optionally "attention": (N, L) float32}`. Called from worker threads."""
 
     provider: str  # e.g. CPUExecutionProvider

@@ -356,9 +356,9 @@ async def run_ingester(settings: Any, *, stream: str, group: str, consumer: str,
     """The `polarity ingest` process: store + writer + metrics (port optional), until stopped."""
     import signal
 
-    from service.app import freeze_startup_objects, open_store, start_metrics_server, unfreeze_objects
     from service.event_mapping import EventMapping
-    from service.history_store import create_redis
+    from service.redis_client import create_redis
+    from service.startup import freeze_startup_objects, open_store, start_metrics_server, unfreeze_objects
 
     metrics = ServiceMetrics()
     store = open_store(settings)

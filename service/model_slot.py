@@ -18,10 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from export.bundle import ATTENTION_NAME, OUTPUT_NAME, BundleError, BundleExpectation, Manifest, load_manifest
-from model.batch import INPUT_NAMES, inputs_from_sequences
-from model.feature_spec import N_HISTORY_STATS, FeatureSpec, SequenceSpec
-from model.vocab import Vocabulary
+from export.bundle import (
+    ATTENTION_NAME,
+    OUTPUT_NAME,
+    BundleError,
+    BundleExpectation,
+    Manifest,
+    check_expectation,
+    load_manifest,
+)
+from model.features.inputs import INPUT_NAMES, inputs_from_sequences
+from model.features.spec import FeatureSpec, SequenceSpec
+from model.features.vocab import Vocabulary
 from service.assembly import assemble_sequences
 from service.errors import BundleRejected, StartupError
 from service.history_store import UserHistory
@@ -67,15 +75,13 @@ def _verify_bundle(root: Path, settings: Settings) -> tuple[Manifest, Vocabulary
     sequence = verified.feature_spec.sequence  # load_manifest checked it parses
     # What this service's assembler produces for the bundle's own sequence spec: vocabulary
     # sizes from the shipped vocab files and the builder's statistics width.
-    produced = FeatureSpec(sequence=sequence, n_items=vocab.n_items, n_categories=vocab.n_categories,
-                           event_types=vocab.event_types, event_polarity=vocab.event_polarity,
-                           n_stats=N_HISTORY_STATS)
-    manifest = load_manifest(root, verify=False, expect=BundleExpectation(
-        feature_spec=produced, input_names=INPUT_NAMES, output_names=(OUTPUT_NAME,)))  # `attention` optional
+    produced = vocab.feature_spec(sequence)
+    check_expectation(verified, BundleExpectation(feature_spec=produced, input_names=INPUT_NAMES,
+                                                  output_names=(OUTPUT_NAME,)))  # `attention` optional
     if settings.history_cap < sequence.history_cap:
         raise BundleError(f"{root}: the model needs histories of {sequence.history_cap} events per polarity "
                           f"but the store keeps {settings.history_cap} (raise POLARITY_HISTORY_CAP)")
-    return manifest, vocab, manifest.feature_spec
+    return verified, vocab, verified.feature_spec
 
 
 def load_model(root: Path, *, settings: Settings, backend_factory: BackendFactory) -> LoadedModel:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.batch import INPUT_NAMES, InputArrays, inputs_from_sequences
-from model.feature_spec import FIRST_ID_INDEX
-from model.sequence import SequenceBatch
+from model.features.inputs import INPUT_NAMES, InputArrays, inputs_from_sequences
+from model.features.sequence import SequenceBatch
+from model.features.spec import FIRST_ID_INDEX
 from service.assembly import assemble_sequences
 from service.errors import TooManyCandidates
 from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable, UserHistory
@@ -107,8 +107,7 @@ class Scorer:
         t2 = time.perf_counter()
         self.metrics.stage_duration.labels(stage="inference").observe(t2 - t1)
 
-        n_pos = int(np.count_nonzero(history.positives.timestamps < cutoff))
-        n_neg = int(np.count_nonzero(history.negatives.timestamps < cutoff))
+        n_pos, n_neg = int(seqs.n_positive[0]), int(seqs.n_negative[0])  # the builder's counts before the cutoff
         self.metrics.history_length.labels(polarity="positive").observe(n_pos)
         self.metrics.history_length.labels(polarity="negative").observe(n_neg)
         explanations = None

@@ -12,10 +12,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.features.events import ENGAGEMENT_POLARITY, normalise_event_name
+
 Device = Literal["auto", "cpu", "cuda"]
 
-# Event type -> polarity when a row has no `label`: positive engagement +1, negative signal -1.
-DEFAULT_EVENT_POLARITY: dict[str, int] = {"click": 1, "like": 1, "skip": -1, "dislike": -1}
 
 
 class Settings(BaseSettings):
@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 answers")
 
     # --- events
-    event_polarity: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_EVENT_POLARITY))
+    event_polarity: dict[str, int] = Field(default_factory=lambda: dict(ENGAGEMENT_POLARITY))
 
     # --- security and observability
     api_key: SecretStr | None = Field(default=None, description="required on write/admin routes when set")
@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     def _check_polarity(cls, value: dict[str, int]) -> dict[str, int]:
         out: dict[str, int] = {}
         for name, sign in value.items():
-            key = name.strip().lower()
+            key = normalise_event_name(name)
             if not key:
                 raise ValueError("event names must be non-empty")
             if sign not in (1, -1):

@@ -24,10 +24,11 @@ def build_bundle(root: Path, *, arch: str = "onetrans", seq: str = "mix-tapf", s
     """Synth -> train -> export into `root` (reused when `root/bundle/manifest.json` exists)."""
     import torch
 
-    from export.onnx_export import export_bundle
+    from export.pipeline import export_bundle
     from model.data.events import write_event_log
     from model.data.synthetic import SyntheticWorldConfig, generate
-    from model.train import TrainConfig, train
+    from model.training.config import TrainConfig
+    from model.training.loop import train
 
     root.mkdir(parents=True, exist_ok=True)
     log, run_dir, bundle = root / "events.parquet", root / "run", root / "bundle"

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from model.feature_spec import DEFAULT_EVENT_POLARITY
+from model.features.events import GENERIC_EVENT, normalise_event_name
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label")
 OPTIONAL_COLUMNS = ("event", "category")
@@ -63,18 +63,6 @@ class EventTable:
             source_row=self.source_row[rows], user_keys=self.user_keys, item_keys=self.item_keys,
             category_keys=self.category_keys, event_types=self.event_types,
         )
-
-
-def event_polarity(event_types: tuple[str, ...], event: np.ndarray, label: np.ndarray) -> tuple[int, ...]:
-    """Sign of each event type: the default mapping, else the majority label of that type."""
-    signs = []
-    for code, name in enumerate(event_types):
-        if name in DEFAULT_EVENT_POLARITY:
-            signs.append(DEFAULT_EVENT_POLARITY[name])
-            continue
-        rows = event == code
-        signs.append(1 if rows.any() and label[rows].mean() >= 0.5 else -1)
-    return tuple(signs)
 
 
 def _codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -152,15 +140,15 @@ def table_from_arrow(table: pa.Table, *, path: Path) -> EventTable:
     if "event" in table.column_names and table.column("event").null_count < n:
         ev_col = pc.fill_null(pc.cast(table.column("event"), pa.string()), "")
         ev_raw, ev_keys = _codes(ev_col)
-        names = [str(k).strip().lower() for k in ev_keys]
+        names = [normalise_event_name(k) for k in ev_keys]
         # Rows without an event name fall back to the label's generic type.
-        event_types = tuple(sorted({nm for nm in names if nm} | {"positive", "negative"}))
+        event_types = tuple(sorted({nm for nm in names if nm} | set(GENERIC_EVENT.values())))
         remap = np.array([event_types.index(nm) if nm else -1 for nm in names], dtype=np.int64)
         event = remap[ev_raw]
-        generic = np.where(label == 1, event_types.index("positive"), event_types.index("negative"))
+        generic = np.where(label == 1, event_types.index(GENERIC_EVENT[1]), event_types.index(GENERIC_EVENT[-1]))
         event = np.where(event < 0, generic, event)
     else:
-        event_types = ("negative", "positive")
+        event_types = tuple(sorted(GENERIC_EVENT.values()))
         event = label.astype(np.int64)  # 0 -> negative, 1 -> positive
 
     if "category" in table.column_names and table.column("category").null_count < n:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from model.data import SOURCES
 from model.data.events import EventLogError, EventTable, read_event_log
 from model.data.kuairand import load_kuairand
 from model.data.kuairec import MATRIX_FILES, load_kuairec
-
-SOURCES = ("auto", "generic", "kuairec", "kuairand")
 
 
 def detect_source(path: Path) -> str:

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.data import SPLITS
 from model.data.events import EventTable
-
-SPLITS = ("temporal", "user")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,8 +31,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from model.data.events import NO_CATEGORY, REQUIRED_COLUMNS, EventLogError, EventTable, table_from_arrow
-from model.feature_spec import DEFAULT_EVENT_POLARITY, FIRST_ID_INDEX, OOV_INDEX, PAD_INDEX
-from model.vocab import Vocabulary
+from model.features.events import event_type_polarity, vocabulary_event_types
+from model.features.spec import FIRST_ID_INDEX, OOV_INDEX, PAD_INDEX
+from model.features.vocab import Vocabulary
 
 DEFAULT_CHUNK_ROWS = 1 << 20
 
@@ -200,17 +201,12 @@ def scan_vocabulary(path: Path | str, split: TemporalSplit, *, chunk_rows: int =
     item_category[PAD_INDEX] = PAD_INDEX
     item_category[FIRST_ID_INDEX:] = cat_index[item_last_cat[train_items]]
 
-    def sign(name: str) -> int:
-        if name in DEFAULT_EVENT_POLARITY:
-            return DEFAULT_EVENT_POLARITY[name]
-        n, pos = event_counts.get(name, [0, 0])
-        return 1 if n and pos / n >= 0.5 else -1
-
-    names = tuple(sorted(train_events | {"positive", "negative"}))
+    event_types = vocabulary_event_types(train_events)
     return Vocabulary(
         items=tuple(item_keys[i] for i in train_items),
         categories=tuple(cat_keys[c] for c in train_cats),
         item_category=item_category,
-        event_types=("<pad>", *names),
-        event_polarity=(0, *(sign(n) for n in names)),
+        event_types=event_types,
+        event_polarity=(0, *(event_type_polarity(n, events=event_counts.get(n, [0, 0])[0],
+                                                 positives=event_counts.get(n, [0, 0])[1]) for n in event_types[1:])),
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.feature_spec import from_dict_strict
+from model.features.spec import from_dict_strict
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,25 +145,29 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    unit: np.ndarray = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    return unit
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    prob: np.ndarray = 1.0 / (1.0 + np.exp(-x))
+    return prob
 
 
 def _cumsum_within(values: np.ndarray, user: np.ndarray, first: np.ndarray) -> np.ndarray:
     """Inclusive cumulative sum restarted at each user's first event (events sorted by user)."""
     total = np.cumsum(values)
     before = np.concatenate([[0], total])[first[:-1]]  # sum before each user's first event
-    return total - before[user]
+    within: np.ndarray = total - before[user]
+    return within
 
 
 def _segment_starts(key: np.ndarray) -> np.ndarray:
     """Index of the first element of each run of equal consecutive keys, per element."""
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     run = np.cumsum(np.concatenate([[True], key[1:] != key[:-1]])) - 1
-    return starts[run]
+    first: np.ndarray = starts[run]
+    return first
 
 
 def _rank_within_groups(user: np.ndarray, item: np.ndarray, position: np.ndarray) -> np.ndarray:

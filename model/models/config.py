@@ -1,19 +1,70 @@
-"""The model config saved inside every checkpoint and bundle, and `build_model` that rebuilds from it."""
+"""The model config saved inside every checkpoint and bundle (nanoGPT style: the artifact describes itself).
+
+`ModelConfig` holds what every architecture shares; `options` holds the chosen architecture's own
+fields, one frozen dataclass per architecture (`ARCH_OPTIONS`). Both are parsed strictly: an unknown
+key, or an option of another architecture, is refused with the keys that are known. The classes that
+build a model from a config are in `model.models` (`build_model`), so this module imports no model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from torch import nn
+from model.features.spec import SpecError, from_dict_strict
 
-from model.feature_spec import FeatureSpec, SpecError, from_dict_strict
-
-ARCHS = ("din", "transformer", "onetrans", "dual_stream")
 SEQ_VARIANTS = ("pos", "mix-pbe", "mix-tapf", "pos-tapf")
 TAPF_PLACEMENTS = ("encoded", "input")
 AGGREGATE_TOKENS = ("all", "final")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchOptions:
+    """Base of every architecture's own options."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetAttentionOptions(ArchOptions):
+    """DIN, Transformer and dual-stream: a DIN activation unit pools the (encoded) tokens per candidate."""
+
+    attention_hidden: int = 32  # DIN activation-unit width
+
+    def __post_init__(self) -> None:
+        if self.attention_hidden < 1:
+            raise SpecError(f"attention_hidden must be >= 1, got {self.attention_hidden}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OneTransOptions(ArchOptions):
+    n_ns_tokens: int = 4  # NS tokens made by the auto-split MLP
+    pyramid_final: float = 0.5  # share of S queries the last layer keeps
+    # Which S tokens TAPF gates and the NS tokens pool. "all" = every token, each at the last layer that
+    # updated it (the pyramid's exits); "final" = only the tokens the last layer kept (the most recent; in a
+    # mixed sequence those are mostly skips, since skips outnumber clicks).
+    aggregate: str = "all"
+    # Encoded placement: TAPF gates each encoded token plus its own RMS-normalised input token.
+    gate_token_skip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_ns_tokens < 1:
+            raise SpecError(f"n_ns_tokens must be >= 1, got {self.n_ns_tokens}")
+        if self.aggregate not in AGGREGATE_TOKENS:
+            raise SpecError(f"aggregate must be one of {AGGREGATE_TOKENS}, got {self.aggregate!r}")
+        if not 0.0 < self.pyramid_final <= 1.0:
+            raise SpecError(f"pyramid_final must be in (0, 1], got {self.pyramid_final}")
+
+
+# Architecture name -> its options class. `model.models.ARCHITECTURES` maps the same names to model classes.
+ARCH_OPTIONS: dict[str, type[ArchOptions]] = {
+    "din": TargetAttentionOptions,
+    "transformer": TargetAttentionOptions,
+    "onetrans": OneTransOptions,
+    "dual_stream": TargetAttentionOptions,
+}
+ARCHS = tuple(ARCH_OPTIONS)
+
+OptionsT = TypeVar("OptionsT", bound=ArchOptions)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,20 +81,17 @@ class ModelConfig:
     tapf_placement: str = "encoded"
     d_polarity: int = 16  # d_p, width of TAPF's polarity embedding b_p (eq. 4)
     event_embedding: bool = False  # learned embedding per event type (click/like/skip/dislike)
-    attention_hidden: int = 32  # DIN activation-unit width
     head_hidden: tuple[int, ...] = (128, 64)
-    n_ns_tokens: int = 4  # OneTrans: NS tokens made by the auto-split MLP
-    pyramid_final: float = 0.5  # OneTrans: share of S queries the last layer keeps
-    # OneTrans: which S tokens TAPF gates and the NS tokens pool. "all" = every token, each at the last layer
-    # that updated it (the pyramid's exits); "final" = only the tokens the last layer kept (the most recent;
-    # in a mixed sequence those are mostly skips, since skips outnumber clicks).
-    aggregate: str = "all"
-    # OneTrans, encoded placement: TAPF gates each encoded token plus its own RMS-normalised input token.
-    gate_token_skip: bool = True
+    options: ArchOptions | None = None  # the arch's own options; None = its defaults
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
+        if self.arch not in ARCH_OPTIONS:
             raise SpecError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        kind = ARCH_OPTIONS[self.arch]
+        if self.options is None:
+            object.__setattr__(self, "options", kind())
+        elif type(self.options) is not kind:
+            raise SpecError(f"arch {self.arch!r} takes {kind.__name__} options, got {type(self.options).__name__}")
         if self.seq_variant not in SEQ_VARIANTS:
             raise SpecError(f"seq_variant must be one of {SEQ_VARIANTS}, got {self.seq_variant!r}")
         if self.tapf_placement not in TAPF_PLACEMENTS:
@@ -52,10 +100,6 @@ class ModelConfig:
             raise SpecError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.arch == "dual_stream" and self.uses_tapf:
             raise SpecError("dual_stream separates polarities structurally; use seq_variant mix-pbe or pos")
-        if self.aggregate not in AGGREGATE_TOKENS:
-            raise SpecError(f"aggregate must be one of {AGGREGATE_TOKENS}, got {self.aggregate!r}")
-        if not 0.0 < self.pyramid_final <= 1.0:
-            raise SpecError(f"pyramid_final must be in (0, 1], got {self.pyramid_final}")
 
     @property
     def uses_tapf(self) -> bool:
@@ -65,26 +109,37 @@ class ModelConfig:
     def uses_polarity_embedding(self) -> bool:
         return self.seq_variant.startswith("mix")
 
+    def arch_options(self, kind: type[OptionsT]) -> OptionsT:
+        """This config's options as `kind` (a model reads its own options through this)."""
+        if not isinstance(self.options, kind):
+            raise SpecError(f"arch {self.arch!r} has {type(self.options).__name__} options, not {kind.__name__}")
+        return self.options
+
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
         d["head_hidden"] = list(self.head_hidden)
+        d["options"] = dataclasses.asdict(self.options) if self.options is not None else {}
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Strict: keys are ModelConfig's fields, `options` a dict of the arch's options. An arch option may
+        also be given at the top level (`--model-overrides '{"aggregate": "final"}'`); it joins `options`."""
         data = dict(data)
+        arch = data.get("arch", cls.arch)
+        if arch not in ARCH_OPTIONS:
+            raise SpecError(f"arch must be one of {ARCHS}, got {arch!r}")
+        kind = ARCH_OPTIONS[arch]
+        shared = {f.name for f in dataclasses.fields(cls)}
+        own = {f.name for f in dataclasses.fields(kind)}
+        options = dict(data.pop("options", None) or {})
+        unknown = sorted(k for k in data if k not in shared and k not in own)
+        if unknown:
+            raise SpecError(f"ModelConfig: unknown key(s) {unknown} for arch {arch!r}; known keys are "
+                            f"{sorted((shared - {'options'}) | own)}")
+        for key in [k for k in data if k not in shared]:
+            options[key] = data.pop(key)
         if "head_hidden" in data:
             data["head_hidden"] = tuple(data["head_hidden"])
-        cfg: ModelConfig = from_dict_strict(cls, data)
+        cfg: ModelConfig = from_dict_strict(cls, {**data, "options": from_dict_strict(kind, options)})
         return cfg
-
-
-def build_model(config: ModelConfig, spec: FeatureSpec) -> nn.Module:
-    from model.models.din import DIN
-    from model.models.dual_stream import DualStream
-    from model.models.onetrans import OneTrans
-    from model.models.transformer import TransformerCTR
-
-    classes: dict[str, type[nn.Module]] = {"din": DIN, "transformer": TransformerCTR, "onetrans": OneTrans,
-                                           "dual_stream": DualStream}
-    return classes[config.arch](config=config, spec=spec)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from model.feature_spec import FeatureSpec
+from model.features.spec import FeatureSpec
 from model.models.config import ModelConfig
 from model.modules.embedding import BehaviourEmbedding
 from model.modules.polarity_gate import TAPFGate
@@ -16,7 +16,7 @@ from model.modules.polarity_gate import TAPFGate
 class SequenceCTRModel(nn.Module):
     """Base: `forward(**inputs)` -> logits (N,); `attention(**inputs)` -> (N, L) token weights.
 
-    Inputs are `model.batch.INPUT_NAMES`: U users' sequences once and N candidates with
+    Inputs are `model.features.inputs.INPUT_NAMES`: U users' sequences once and N candidates with
     `cand_user` (N,) saying whose sequence each candidate reads. Logits only; the sigmoid lives
     in the export wrapper and the loss in training.
     """
@@ -37,6 +37,7 @@ class SequenceCTRModel(nn.Module):
         # from data, so serving needs no statistics file. Not persistent: it follows from the spec.
         log_cap, log_month = math.log1p(spec.sequence.stats_cap), math.log1p(30 * 86400)
         scale = [1 / log_cap, 1 / log_cap, 1.0, 1 / log_month] if spec.n_stats == 4 else [1.0] * spec.n_stats
+        self.stats_scale: Tensor
         self.register_buffer("stats_scale", torch.tensor(scale), persistent=False)
 
     def forward(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
@@ -67,9 +68,11 @@ class SequenceCTRModel(nn.Module):
 
     def scaled_stats(self, stats: Tensor) -> Tensor:
         """(U, S) raw history statistics -> (U, S) on comparable ranges (see `stats_scale`)."""
-        return stats * self.stats_scale
+        scaled: Tensor = stats * self.stats_scale
+        return scaled
 
     def gated(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor | None) -> Tensor:
         """TAPF per candidate: (U, L, d) -> (N, L, d)."""
         assert self.gate is not None
-        return self.gate(tokens, polarity, cand, cand_user)
+        gated: Tensor = self.gate(tokens, polarity, cand, cand_user)
+        return gated

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.feature_spec import FeatureSpec
-from model.models.config import ModelConfig
+from model.features.spec import FeatureSpec
+from model.models.config import ModelConfig, TargetAttentionOptions
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import TargetAttention
 from model.modules.feedforward import MLP
@@ -26,7 +26,8 @@ class DIN(SequenceCTRModel):
     def __init__(self, *, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(config=config, spec=spec)
         d = config.d_model
-        self.target_attention = TargetAttention(d_model=d, hidden=config.attention_hidden)
+        hidden = config.arch_options(TargetAttentionOptions).attention_hidden
+        self.target_attention = TargetAttention(d_model=d, hidden=hidden)
         self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from model.feature_spec import FeatureSpec
-from model.models.config import ModelConfig
+from model.features.spec import FeatureSpec
+from model.models.config import ModelConfig, TargetAttentionOptions
 from model.models.ctr_model import SequenceCTRModel
 from model.models.transformer import SequenceEncoder
 from model.modules.attention import TargetAttention
@@ -19,9 +19,10 @@ class DualStream(SequenceCTRModel):
     def __init__(self, *, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(config=config, spec=spec)
         d = config.d_model
+        hidden = config.arch_options(TargetAttentionOptions).attention_hidden
         self.encoders = torch.nn.ModuleList(SequenceEncoder(config=config) for _ in range(2))
         self.attentions = torch.nn.ModuleList(
-            TargetAttention(d_model=d, hidden=config.attention_hidden) for _ in range(2)
+            TargetAttention(d_model=d, hidden=hidden) for _ in range(2)
         )
         self.head = MLP(d_in=4 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
 

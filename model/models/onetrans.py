@@ -10,18 +10,21 @@
 - TAPF ("encoded" placement) gates the S tokens per candidate, each at its last pyramid state
   (`aggregate="all"`) or only the ones the last layer kept (`"final"`); the NS tokens aggregate the
   gated tokens with dot-product attention and the head reads the final NS tokens.
+- `run_stages` is the one control flow; the NS-token layout and the pooling are stage methods, which the
+  serving rewrite (`export.serving.onetrans`) replaces without repeating the flow.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.feature_spec import FeatureSpec
-from model.models.config import ModelConfig
+from model.features.spec import FeatureSpec
+from model.models.config import ModelConfig, OneTransOptions
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.attention import SelfAttentionBlock, masked_softmax, sequence_attention_mask
 from model.modules.feedforward import MLP, RMSNorm
@@ -49,6 +52,7 @@ class NSTokenBlock(nn.Module):
         self.ffn_in = nn.Parameter(torch.randn(t, d, f) / math.sqrt(d))
         self.ffn_out = nn.Parameter(torch.randn(t, f, d) / math.sqrt(f))
         # NS token t sees NS tokens 0..t (causal among NS tokens).
+        self.ns_causal: Tensor
         self.register_buffer("ns_causal", torch.tril(torch.ones(t, t, dtype=torch.bool)), persistent=False)
 
     @staticmethod
@@ -76,8 +80,9 @@ class NSTokenBlock(nn.Module):
 class OneTrans(SequenceCTRModel):
     def __init__(self, *, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(config=config, spec=spec)
-        d, t = config.d_model, config.n_ns_tokens
-        self.queries = pyramid_queries(spec.sequence.seq_len, config.n_layers, config.pyramid_final)
+        self.options = config.arch_options(OneTransOptions)
+        d, t = config.d_model, self.options.n_ns_tokens
+        self.queries = pyramid_queries(spec.sequence.seq_len, config.n_layers, self.options.pyramid_final)
         self.auto_split = MLP(d_in=d + spec.n_stats, hidden=(2 * d,), d_out=t * d)  # one MLP -> T NS tokens
         # The candidate enters the auto-split RMS-normalised: raw item embeddings start tiny (std 0.05), and the
         # NS tokens would otherwise be the MLP's biases, nearly the same for every candidate.
@@ -96,57 +101,111 @@ class OneTrans(SequenceCTRModel):
         self.agg_out = nn.Linear(d, d, bias=False)
         self.head = MLP(d_in=t * d, hidden=config.head_hidden, d_out=1)
 
-    def encode(self, s: Tensor, mask: Tensor, ns: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """The unified stack. s (B, L, d) per sequence, mask (B, L), ns (N, T, d), cand_user (N,) into B
-        -> S tokens to aggregate (B, La, d), their mask (B, La), NS (N, T, d). La = L with `aggregate="all"`
-        (the tokens the pyramid dropped keep the state of the last layer that updated them), else Lf."""
-        exits, full_mask = s, mask  # (B, L, d): every token's latest state
-        for block, ns_block, n_q in zip(self.s_blocks, self.ns_blocks, self.queries, strict=True):
-            att_mask = sequence_attention_mask(mask, causal=True, n_queries=n_q)  # (B, 1, Q, L)
-            s_next, keys, values = block.attend(s, att_mask, n_q)
-            ns = ns_block(ns, per_candidate(keys, cand_user), per_candidate(values, cand_user),
-                          per_candidate(mask, cand_user))
-            s, mask = s_next, mask[:, -n_q:]
+    # ------------------------------------------------------------------------------------------- stages
+    # `run_stages` holds the control flow; a serving rewrite (`export.serving.onetrans.ServingOneTrans`) supplies
+    # its own NS-token layout and pooling through the same five stage methods and reuses everything else.
+
+    def initial_ns(self, cand: Tensor, stats: Tensor, cand_user: Tensor | None) -> Tensor:
+        """The auto-split: candidate (N, d) and its user's raw stats (U, S) -> NS tokens (N, T, d)."""
+        ns_in = torch.cat([self.cand_norm(cand), per_candidate(self.scaled_stats(stats), cand_user)], -1)  # (N, d+S)
+        ns: Tensor = self.auto_split(ns_in)
+        return ns.view(cand.shape[0], -1, cand.shape[1])
+
+    def ns_layer(self, index: int, ns: Tensor, keys: Tensor, values: Tensor, s_mask: Tensor,
+                 cand_user: Tensor | None) -> Tensor:
+        """NS block `index`: ns (N, T, d) reads its user's S keys/values (B, H, Ls, dh) -> (N, T, d)."""
+        block = cast(NSTokenBlock, self.ns_blocks[index])
+        out: Tensor = block(ns, per_candidate(keys, cand_user), per_candidate(values, cand_user),
+                            per_candidate(s_mask, cand_user))
+        return out
+
+    def pooling_ns(self, ns: Tensor) -> Tensor:
+        """The NS tokens in (N, T, d) for the aggregation (the layout `ns_layer` keeps them in -> (N, T, d))."""
+        return ns
+
+    def pool(self, query: Tensor, s: Tensor, s_mask: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Aggregation without a gate: query (N, T, d), already scaled by 1/sqrt(d), over the candidate's user's
+        S tokens s (B, La, d) -> pooled (N, T, d), weights (N, T, La)."""
+        return _dot_pool(query, per_candidate(s, cand_user), per_candidate(s_mask, cand_user))
+
+    def gated_pool(self, query: Tensor, gate_in: Tensor, polarity: Tensor, gate_cand: Tensor, cand_user: Tensor,
+                   s_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """TAPF over gate_in (U, La, d) per candidate, then the aggregation of its output -> (N, T, d), (N, T, La)."""
+        return _dot_pool(query, self.gated(gate_in, polarity, gate_cand, cand_user), per_candidate(s_mask, cand_user))
+
+    def run_stages(self, stages: OneTransStages, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor,
+                   cand: Tensor, cand_user: Tensor | None, gate: bool) -> tuple[Tensor, Tensor]:
+        """The unified stack and its aggregation: tokens (B, L, d), mask (B, L); cand (N, d) reads sequence
+        cand_user[n] (None: B == N). With `gate`, TAPF calibrates the S tokens per candidate before they are
+        pooled (encoded placement) -> logits (N,), attention (N, L)."""
+        length = tokens.shape[1]
+        ns = stages.initial_ns(cand, stats, cand_user)
+        s, s_mask, exits = tokens, mask, tokens  # exits (B, L, d): every token's latest state
+        for index, (block, n_q) in enumerate(zip(self.s_blocks, self.queries, strict=True)):
+            att_mask = sequence_attention_mask(s_mask, causal=True, n_queries=n_q)  # (B, 1, Q, Ls)
+            s_next, keys, values = cast(SelfAttentionBlock, block).attend(s, att_mask, n_q)
+            ns = stages.ns_layer(index, ns, keys, values, s_mask, cand_user)
+            s, s_mask = s_next, s_mask[:, -n_q:]
             exits = torch.cat([exits[:, : exits.shape[1] - n_q], s], dim=1)
-        if self.config.aggregate == "all":
-            s, mask = exits, full_mask
-        return self.s_norm(s) * mask.unsqueeze(-1).to(s.dtype), mask, ns
+        if self.options.aggregate == "all":  # every token at the last layer that updated it
+            s, s_mask = exits, mask
+        s = self.s_norm(s) * s_mask.unsqueeze(-1).to(s.dtype)  # (B, La, d)
+        ns = stages.pooling_ns(ns)  # (N, T, d)
+        query = self.agg_query(self.ns_norm(ns)) / math.sqrt(ns.shape[-1])  # (N, T, d)
+        if gate:
+            assert cand_user is not None or tokens.shape[0] == cand.shape[0]
+            users = cand_user if cand_user is not None else torch.arange(cand.shape[0], device=cand.device)
+            # The encoded tokens are RMS-normalised: the gate's candidate must be on their scale, or the
+            # interaction h ⊙ e_v (eq. 3) starts ~15x smaller than h and the signed term learns slowly.
+            pooled, weights = stages.gated_pool(query, self.gate_tokens(s, tokens, mask), polarity[:, -s.shape[1]:],
+                                                self.cand_norm(cand), users, s_mask)
+        else:
+            pooled, weights = stages.pool(query, s, s_mask, cand_user)
+        ns = ns + self.agg_out(pooled)
+        logits = self.head(self.ns_norm(ns).flatten(1)).squeeze(-1)
+        token_weights = weights.mean(1)  # (N, La) -> align with the L input positions
+        return logits, F.pad(token_weights, (length - token_weights.shape[1], 0))
 
     def gate_tokens(self, s: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
         """What TAPF calibrates (encoded placement): s (U, La, d) encoded tokens -> (U, La, d). With
         `gate_token_skip`, each position also carries its own RMS-normalised input token: after causal
         mixing a position's state is mostly its context, which its polarity tag p_k no longer describes."""
-        if not self.config.gate_token_skip:
+        if not self.options.gate_token_skip:
             return s
         own = tokens[:, -s.shape[1]:]  # (U, La, d)
-        return s + self.s_norm(own) * mask[:, -s.shape[1]:].unsqueeze(-1).to(s.dtype)
+        out: Tensor = s + self.s_norm(own) * mask[:, -s.shape[1]:].unsqueeze(-1).to(s.dtype)
+        return out
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
               cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
-        n, length = cand.shape[0], tokens.shape[1]
-        ns_in = torch.cat([self.cand_norm(cand), per_candidate(self.scaled_stats(stats), cand_user)], -1)  # (N, d+S)
-        ns = self.auto_split(ns_in).view(n, -1, cand.shape[1])  # (N, T, d)
         if self.gate is not None and self.config.tapf_placement == "input":
             # Literal placement: gated input tokens, so the whole stack runs once per candidate.
-            s, s_mask, ns = self.encode(self.gated(tokens, polarity, cand, cand_user),
-                                        per_candidate(mask, cand_user), ns, None)
-            agg_tokens, agg_mask = s, s_mask  # (N, Lf, d)
-        else:
-            s, s_mask, ns = self.encode(tokens, mask, ns, cand_user)  # S part once per user
-            lf = s.shape[1]
-            agg_mask = per_candidate(s_mask, cand_user)
-            if self.gate is not None:
-                # The encoded tokens are RMS-normalised: the gate's candidate must be on their scale, or the
-                # interaction h ⊙ e_v (eq. 3) starts ~15x smaller than h and the signed term learns slowly.
-                agg_tokens = self.gated(self.gate_tokens(s, tokens, mask), polarity[:, -lf:], self.cand_norm(cand),
-                                        cand_user)  # (N, La, d)
-            else:
-                agg_tokens = per_candidate(s, cand_user)
-        # Weighted aggregation (paper fig. 2): each NS token pools the (gated) S tokens.
-        q = self.agg_query(self.ns_norm(ns))  # (N, T, d)
-        weights = masked_softmax(torch.einsum("ntd,nld->ntl", q, agg_tokens) / math.sqrt(q.shape[-1]),
-                                 agg_mask[:, None, :])  # (N, T, Lf)
-        ns = ns + self.agg_out(torch.einsum("ntl,nld->ntd", weights, agg_tokens))
-        logits = self.head(self.ns_norm(ns).flatten(1)).squeeze(-1)
-        token_weights = weights.mean(1)  # (N, Lf) -> align with the L input positions
-        return logits, F.pad(token_weights, (length - token_weights.shape[1], 0))
+            gated = self.gated(tokens, polarity, cand, cand_user)  # (N, L, d)
+            return self.run_stages(self, tokens=gated, polarity=per_candidate(polarity, cand_user),
+                                   mask=per_candidate(mask, cand_user), stats=per_candidate(stats, cand_user),
+                                   cand=cand, cand_user=None, gate=False)
+        # Encoded placement (or no gate): the S part once per user, TAPF per candidate on its output.
+        return self.run_stages(self, tokens=tokens, polarity=polarity, mask=mask, stats=stats, cand=cand,
+                               cand_user=cand_user, gate=self.gate is not None)
+
+
+class OneTransStages(Protocol):
+    """The parts of `OneTrans.run_stages` a serving rewrite may replace (OneTrans itself is the default)."""
+
+    def initial_ns(self, cand: Tensor, stats: Tensor, cand_user: Tensor | None) -> Tensor: ...
+
+    def ns_layer(self, index: int, ns: Tensor, keys: Tensor, values: Tensor, s_mask: Tensor,
+                 cand_user: Tensor | None) -> Tensor: ...
+
+    def pooling_ns(self, ns: Tensor) -> Tensor: ...
+
+    def pool(self, query: Tensor, s: Tensor, s_mask: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor]: ...
+
+    def gated_pool(self, query: Tensor, gate_in: Tensor, polarity: Tensor, gate_cand: Tensor, cand_user: Tensor,
+                   s_mask: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def _dot_pool(query: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """query (N, T, d) scaled, tokens (N, La, d), mask (N, La) -> pooled (N, T, d), weights (N, T, La)."""
+    weights = masked_softmax(torch.einsum("ntd,nld->ntl", query, tokens), mask[:, None, :])
+    return torch.einsum("ntl,nld->ntd", weights, tokens), weights

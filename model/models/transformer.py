@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from model.feature_spec import FeatureSpec
-from model.models.config import ModelConfig
+from model.features.spec import FeatureSpec
+from model.models.config import ModelConfig, TargetAttentionOptions
 from model.models.ctr_model import SequenceCTRModel
 from model.models.din import target_head_logits
 from model.modules.attention import SelfAttentionBlock, TargetAttention, sequence_attention_mask
@@ -28,15 +28,17 @@ class SequenceEncoder(nn.Module):
         att_mask = sequence_attention_mask(mask, causal=False)
         for block in self.blocks:
             x = block(x, att_mask)
-        return self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
+        out: Tensor = self.norm(x) * mask.unsqueeze(-1).to(x.dtype)
+        return out
 
 
 class TransformerCTR(SequenceCTRModel):
     def __init__(self, *, config: ModelConfig, spec: FeatureSpec) -> None:
         super().__init__(config=config, spec=spec)
         d = config.d_model
+        hidden = config.arch_options(TargetAttentionOptions).attention_hidden
         self.encoder = SequenceEncoder(config=config)
-        self.target_attention = TargetAttention(d_model=d, hidden=config.attention_hidden)
+        self.target_attention = TargetAttention(d_model=d, hidden=hidden)
         # The gate's candidate on the scale of the RMS-normalised encoded tokens (encoded placement only).
         self.cand_norm = RMSNorm(d) if self.gate is not None and config.tapf_placement == "encoded" else None
         self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)

@@ -36,8 +36,10 @@ class BehaviourEmbedding(nn.Module):
             h = h + self.polarity(seq_polarity + 1)
         if self.event is not None:
             h = h + self.event(seq_event)
-        return h * seq_mask.unsqueeze(-1).to(h.dtype)
+        out: Tensor = h * seq_mask.unsqueeze(-1).to(h.dtype)
+        return out
 
     def candidate(self, cand_item: Tensor, cand_category: Tensor) -> Tensor:
         """(N,) -> (N, d)."""
-        return self.item(cand_item) + self.category(cand_category)
+        cand: Tensor = self.item(cand_item) + self.category(cand_category)
+        return cand

@@ -125,5 +125,6 @@ class TAPFGate(nn.Module):
         if cand_user is None:
             cand_user = torch.arange(cand.shape[0], device=cand.device)
         f = self.folded()
-        return tapf_gate(tokens, polarity.to(tokens.dtype), cand, cand_user, f["w_int"], f["w_tok"],
-                         f["w_mix"], f["pol_bias"])
+        gated: Tensor = tapf_gate(tokens, polarity.to(tokens.dtype), cand, cand_user, f["w_int"], f["w_tok"],
+                                  f["w_mix"], f["pol_bias"])
+        return gated

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
-TRAINING_ONLY = {"torch", "onnx", "onnxscript", "matplotlib", "tqdm"}
+TRAINING_ONLY = {"torch", "onnx", "onnxscript", "pyarrow", "matplotlib", "tqdm"}
 # Seen in this venv's sys.modules but not needed in the image: setuptools' `_distutils_hack` .pth hook, and
 # sniffio and opentelemetry-api, which anyio and redis-py import only when installed (try/except ImportError).
 OPTIONAL_IMPORTS = {"setuptools", "sniffio", "opentelemetry-api"}
@@ -157,7 +157,7 @@ def test_serving_requirements_cover_every_module_the_service_and_ingester_import
 import importlib.abc, json, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "onnx", "onnxscript", "matplotlib"}:
+        if name.split(".")[0] in {"torch", "onnx", "onnxscript", "pyarrow", "matplotlib"}:
             raise ImportError(f"the serving image has no {name}")
 sys.meta_path.insert(0, Block())
 import service.app, service.ingest, service.settings, service.inference, model.cli

@@ -29,19 +29,14 @@ from export.bundle import (
     verify_bundle,
 )
 from export.custom_kernel import kernel_library_path, kernel_status
-from export.onnx_export import (
-    ExportError,
-    export_bundle,
-    load_run,
-    random_inputs,
-    reference_outputs,
-    to_torch,
-    unfolded_parameter_ops,
-)
+from export.graph import unfolded_parameter_ops
 from export.parity import ParityError, assert_parity, check_parity
+from export.pipeline import export_bundle
+from export.reference import ExportError, load_run, random_inputs, reference_outputs
 from export.tapf_onnx import TAPF_DOMAIN, TAPF_DOT_POOL_OP, TAPF_MLP_POOL_OP, TAPF_OP
-from model.batch import INPUT_NAMES, InputArrays
-from model.feature_spec import FeatureSpec, SequenceSpec
+from model.features.inputs import INPUT_NAMES, InputArrays
+from model.features.spec import FeatureSpec, SequenceSpec
+from model.training.batches import to_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 # Bundle name -> (arch, seq variant): the three archs with the TAPF gate, plus one without a gate.
@@ -63,7 +58,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Exp
     """Tiny trained runs (the three archs with TAPF, a transformer without) and their bundles."""
     from model.data.events import write_event_log
     from model.data.synthetic import SyntheticWorldConfig, generate
-    from model.train import TrainConfig, train
+    from model.training.config import TrainConfig
+    from model.training.loop import train
 
     root = tmp_path_factory.mktemp("export")
     log = write_event_log(generate(SyntheticWorldConfig(users=50, items=200, events=3000)), root / "events.parquet")
@@ -88,7 +84,7 @@ def _graph(bundle: Path, name: str = MODEL_FILE) -> onnx.ModelProto:
 def _torch_probs(run_dir: Path, inputs: InputArrays) -> np.ndarray:
     run = load_run(run_dir)
     with torch.no_grad():
-        return torch.sigmoid(run.model(**to_torch(inputs))).numpy()
+        return torch.sigmoid(run.model(**to_tensors(inputs))).numpy()
 
 
 def _ort_outputs(model_path: Path, inputs: InputArrays) -> dict[str, np.ndarray]:
@@ -178,7 +174,7 @@ def test_dynamic_users_and_candidates_fixed_length(exported: dict[str, Exported]
 def test_folded_target_attention_computes_what_the_trained_one_does() -> None:
     """The serving rewrite of DIN's activation unit (one per-candidate matrix) against the module it replaces,
     for per-candidate tokens and for per-user tokens read through cand_user."""
-    from export.onnx_export import FoldedTargetAttention
+    from export.serving.folded import FoldedTargetAttention
     from model.modules.attention import TargetAttention
 
     torch.manual_seed(3)
@@ -215,7 +211,7 @@ def test_parity_with_torch(exported: dict[str, Exported], arch: str, u: int, n: 
         got = _ort_outputs(ex.bundle / name, inputs)
         assert float(np.max(np.abs(got["probability"] - want))) < 1e-5, name
         with torch.no_grad():
-            want_att = load_run(ex.run_dir).model.eval().attention(**to_torch(inputs)).numpy()
+            want_att = load_run(ex.run_dir).model.eval().attention(**to_tensors(inputs)).numpy()
         assert float(np.max(np.abs(got[ATTENTION_NAME] - want_att))) < 1e-5, name
 
 

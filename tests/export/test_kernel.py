@@ -277,9 +277,12 @@ def pool_cases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import onnx_ir as ir
     import torch
 
-    from export.onnx_export import ServingModel, export_onnx, random_inputs, reference_outputs
-    from model.feature_spec import FeatureSpec, SequenceSpec
-    from model.models.config import ModelConfig, build_model
+    from export.graph import export_onnx
+    from export.reference import random_inputs, reference_outputs
+    from export.serving.model import ServingModel
+    from model.features.spec import FeatureSpec, SequenceSpec
+    from model.models import build_model
+    from model.models.config import ModelConfig
 
     cases = [(m, name) for m in _POOL_MODELS for name in _POOL_INPUTS]
     arrays: dict[str, np.ndarray] = {"models": np.array(json.dumps(list(_POOL_MODELS))),

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from loadtest.live_server import serve_in_thread
+from loadtest.harness.live_server import serve_in_thread
 
 
 @pytest.fixture()

@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.bench_server import PerCandidateBackend
-from loadtest.live_server import serve_in_thread
-from loadtest.torch_backend import torch_backend_factory
+from loadtest.harness.bench_server import PerCandidateBackend
+from loadtest.harness.live_server import serve_in_thread
+from loadtest.harness.torch_backend import torch_backend_factory
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -51,7 +51,7 @@ def test_torch_and_per_candidate_backends_score_like_onnx(tiny_bundle, redis_url
 
 def test_torch_backend_refuses_a_run_of_another_shape(tiny_bundle, tmp_path) -> None:
     from export.bundle import load_manifest
-    from loadtest.random_bundle import random_run
+    from loadtest.harness.random_bundle import random_run
 
     other = random_run(tmp_path / "other", seq_len=8, d_model=8, n_items=50, n_categories=3, export=False)
     factory = torch_backend_factory(other.run_dir)

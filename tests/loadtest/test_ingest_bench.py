@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from loadtest.ingest_bench import http_ingest, make_events, raw_pipeline, stored_events, stream_ingest
+from loadtest.bench.ingest import http_ingest, make_events, raw_pipeline, stored_events, stream_ingest
 from loadtest.replay import delete_prefix
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from loadtest.live_server import serve_in_thread
+from loadtest.harness.live_server import serve_in_thread
 from loadtest.metrics_scrape import parse_histograms, quantile
 from loadtest.open_loop import LoadConfig, arrival_times, run_load_sync
 from model.cli import main

@@ -12,7 +12,8 @@ from model.data.events import EventLogError, read_event_log, write_event_log
 from model.data.loaders import load_events
 from model.data.split import split_events
 from model.data.synthetic import SyntheticWorldConfig, generate
-from model.vocab import Vocabulary, build_vocabulary
+from model.data.vocabulary import build_vocabulary
+from model.features.vocab import Vocabulary
 
 
 def write_csv(path: Path, text: str) -> Path:

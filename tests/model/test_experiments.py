@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from model import experiments
 from model.data.events import write_event_log
 from model.data.loaders import load_events
 from model.data.synthetic import SyntheticWorldConfig, generate
+from model.experiments import diagnostics, runner
+from model.experiments import plan as planning
 
 # threads=1: on a busy 2-core machine torch's default 2 threads contend and run tiny batches
 # tens of times slower.
@@ -42,7 +43,7 @@ def log_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def rq1_out(log_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("rq1")
-    experiments.run_experiment("rq1", data=str(log_path), out=out, seeds=2, archs=["din"], train_overrides=OVERRIDES)
+    runner.run_experiment("rq1", data=str(log_path), out=out, seeds=2, archs=["din"], train_overrides=OVERRIDES)
     return out
 
 
@@ -67,7 +68,7 @@ def test_rq1_table_json_and_plot(rq1_out: Path, log_path: Path) -> None:
 
     raw = json.loads((rq1_out / "rq1.json").read_text())
     assert len(raw["runs"]) == 2 * len(RQ1_ROWS)
-    assert {(r["seq"], r["seed"]) for r in raw["runs"]} == {(v, s) for v in experiments.RQ1_VARIANTS for s in (0, 1)}
+    assert {(r["seq"], r["seed"]) for r in raw["runs"]} == {(v, s) for v in planning.RQ1_VARIANTS for s in (0, 1)}
     for r in raw["runs"]:
         assert set(r["test"]) >= {"auc", "gauc", "logloss"}
         assert (Path(r["run_dir"]) / "metrics.json").exists()
@@ -83,9 +84,9 @@ def test_resume_trains_nothing(rq1_out: Path, log_path: Path, monkeypatch: pytes
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(experiments, "train", boom)
+    monkeypatch.setattr(runner, "train", boom)
     before = {p: p.stat().st_mtime_ns for p in (rq1_out / "runs").glob("*/metrics.json")}
-    experiments.run_experiment("rq1", data=str(log_path), out=rq1_out, seeds=2, archs=["din"],
+    runner.run_experiment("rq1", data=str(log_path), out=rq1_out, seeds=2, archs=["din"],
                                train_overrides=OVERRIDES)
     assert {p: p.stat().st_mtime_ns for p in (rq1_out / "runs").glob("*/metrics.json")} == before
     raw = json.loads((rq1_out / "rq1.json").read_text())
@@ -94,7 +95,7 @@ def test_resume_trains_nothing(rq1_out: Path, log_path: Path, monkeypatch: pytes
 
 def test_attention_share(rq1_out: Path, log_path: Path) -> None:
     table = load_events(log_path)
-    res = experiments.attention_share(rq1_out / "runs" / "rq1-din-mix-tapf-seed0", table, max_samples=300)
+    res = diagnostics.attention_share(rq1_out / "runs" / "rq1-din-mix-tapf-seed0", table, max_samples=300)
     assert res["samples"] == 300
     groups = res["groups"]
     assert groups["clicked"]["n"] + groups["skipped"]["n"] == groups["all"]["n"] > 0
@@ -106,28 +107,28 @@ def test_attention_share(rq1_out: Path, log_path: Path) -> None:
 
 
 def test_plan_skips_unsupported_combos() -> None:
-    runs = experiments.plan("rq1", archs=["din", "dual_stream"], seeds=1)
+    runs = planning.plan("rq1", archs=["din", "dual_stream"], seeds=1)
     assert {(r.arch, r.seq) for r in runs if r.arch == "dual_stream"} == {("dual_stream", "pos"),
                                                                          ("dual_stream", "mix-pbe")}
-    assert len(experiments.plan("ratio", archs=["din"], seeds=2)) == 22
-    assert {r.setting for r in experiments.plan("length", archs=["din", "onetrans"], seeds=1)} == {
-        f"L{n}" for n in experiments.LENGTHS}
+    assert len(planning.plan("ratio", archs=["din"], seeds=2)) == 22
+    assert {r.setting for r in planning.plan("length", archs=["din", "onetrans"], seeds=1)} == {
+        f"L{n}" for n in planning.LENGTHS}
     with pytest.raises(ValueError):
-        experiments.plan("nope", archs=["din"], seeds=1)
+        planning.plan("nope", archs=["din"], seeds=1)
 
 
 def test_ablation_covers_modes_and_dual_stream(log_path: Path, tmp_path: Path) -> None:
     # jobs=2: runs train in spawned worker processes, each writing its own run directory.
-    md = experiments.run_experiment("ablation", data=str(log_path), out=tmp_path, seeds=1, archs=["din"],
+    md = runner.run_experiment("ablation", data=str(log_path), out=tmp_path, seeds=1, archs=["din"],
                                     train_overrides=OVERRIDES, jobs=2)
     header, *rows = _table_rows(md.read_text())
     modes = [r[header.index("Sequence mode")] for r in rows]
-    assert modes == ["pos", "mix", *experiments.ABLATION_MODES, "mix (two encoders)"]
+    assert modes == ["pos", "mix", *planning.ABLATION_MODES, "mix (two encoders)"]
     assert all("±" in r[header.index("AUC")] for r in rows)
     raw = json.loads((tmp_path / "ablation.json").read_text())
     assert {(r["arch"], r["seq"], r["setting"]) for r in raw["runs"]} == {
         ("din", "pos", ""), ("din", "mix-tapf", ""), ("dual_stream", "mix-pbe", ""),
-        *(("din", "mix-tapf", m) for m in experiments.ABLATION_MODES)}
+        *(("din", "mix-tapf", m) for m in planning.ABLATION_MODES)}
     # seq_mode reached the data side.
     for r in raw["runs"]:
         cfg = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["config"]
@@ -138,21 +139,12 @@ def test_ablation_covers_modes_and_dual_stream(log_path: Path, tmp_path: Path) -
     assert (tmp_path / "ablation.png").stat().st_size > 1000
 
 
-def test_placement_cost_table() -> None:
-    body = experiments.placement_cost(seq_len=8, d_model=8, candidates=(2, 3), repeats=1, n_items=30)
-    header, *rows = _table_rows(body)
-    assert header[:2] == ["model", "TAPF placement"] and len(header) == 4
-    assert [(r[0], r[1]) for r in rows] == [("DIN", "encoded"), ("Transformer", "encoded"), ("Transformer", "input"),
-                                            ("OneTrans", "encoded"), ("OneTrans", "input")]
-    assert all(float(c) > 0 for r in rows for c in r[2:])
-
-
 def test_skip_information_sees_the_skip_signal_of_the_synthetic_world(tmp_path: Path) -> None:
     cols = generate(SyntheticWorldConfig(users=300, items=2000, events=60_000, seed=2))
-    info = experiments.skip_information(load_events(write_event_log(cols, tmp_path / "w.parquet")))
+    info = diagnostics.skip_information(load_events(write_event_log(cols, tmp_path / "w.parquet")))
     assert 0.6 < info["auc_clicks"] < info["auc_clicks_and_skips"] and info["relative_gain"] > 0.005
     # Labels drawn independently of everything: neither feature set predicts anything.
     cols["label"] = (np.random.default_rng(0).random(len(cols["label"])) < 0.15).astype(np.int8)
     cols["event"] = np.where(cols["label"] == 1, "click", "skip").astype(object)
-    noise = experiments.skip_information(load_events(write_event_log(cols, tmp_path / "n.parquet")))
+    noise = diagnostics.skip_information(load_events(write_event_log(cols, tmp_path / "n.parquet")))
     assert abs(noise["auc_clicks"] - 0.5) < 0.02 and abs(noise["relative_gain"]) < 0.02

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.metrics import auc, gauc, logloss, summarize
+from model.training.metrics import auc, gauc, logloss, summarize
 
 
 def _pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:

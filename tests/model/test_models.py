@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.feature_spec import FeatureSpec, SequenceSpec, SpecError
-from model.models.config import ModelConfig, build_model
+from model.features.spec import FeatureSpec, SequenceSpec, SpecError
+from model.models import build_model
+from model.models.config import ModelConfig, OneTransOptions
 
 SPEC = FeatureSpec(sequence=SequenceSpec(seq_len=12, history_cap=64, stats_cap=32), n_items=50, n_categories=7,
                    event_types=("<pad>", "click", "skip"), event_polarity=(0, 1, -1))
@@ -90,7 +91,8 @@ def test_onetrans_aggregates_every_token_or_only_the_pyramids_last(aggregate: st
     """`aggregate="all"` pools every real token (the oldest at the pyramid layer that dropped them); "final"
     pools only the tokens the last layer kept: in a mixed sequence the older positives would otherwise be lost."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16, aggregate=aggregate),
+    model = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16,
+                                    options=OneTransOptions(aggregate=aggregate)),
                         SPEC).eval()
     x = _inputs(2, 6)
     x["seq_mask"][:] = True  # full histories: every position is a real token
@@ -102,7 +104,7 @@ def test_onetrans_aggregates_every_token_or_only_the_pyramids_last(aggregate: st
     else:
         assert (weights[:, :-kept] == 0).all()
     with pytest.raises(SpecError, match="aggregate"):
-        ModelConfig(arch="onetrans", aggregate="some")
+        OneTransOptions(aggregate="some")
 
 
 @pytest.mark.parametrize("arch", ["transformer", "onetrans"])
@@ -124,7 +126,8 @@ def test_onetrans_gate_reads_each_token_with_its_own_embedding() -> None:
     embedding (so its polarity tag describes what it gates); padding stays zero."""
     torch.manual_seed(0)
     skip = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16), SPEC).eval()
-    plain = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16, gate_token_skip=False),
+    plain = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16,
+                                    options=OneTransOptions(gate_token_skip=False)),
                         SPEC).eval()
     plain.load_state_dict(skip.state_dict())
     seen: dict[str, torch.Tensor] = {}

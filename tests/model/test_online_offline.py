@@ -20,12 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.data.events import table_from_arrow
-from model.feature_spec import FIRST_ID_INDEX, SEQUENCE_MODES, SequenceSpec
-from model.samples import encode_events, history_table, sample_source
-from model.sequence import SequenceBatch, build_sequences
-from model.vocab import build_vocabulary
+from model.data.samples import encode_events, history_table, sample_source
+from model.data.vocabulary import build_vocabulary
+from model.features.sequence import SequenceBatch, build_sequences
+from model.features.spec import FIRST_ID_INDEX, SEQUENCE_MODES, SequenceSpec
 from service.assembly import assemble_sequences
-from service.history_store import DUPLICATE, HistoryEvent, HistoryStore, UserHistory, create_redis
+from service.history_store import DUPLICATE, HistoryEvent, HistoryStore, UserHistory
+from service.redis_client import create_redis
 
 pytestmark = pytest.mark.redis
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.feature_spec import SequenceSpec
-from model.sequence import HistoryTable, PolarityStreams, build_sequences
+from model.features.sequence import HistoryTable, PolarityStreams, build_sequences
+from model.features.spec import SequenceSpec
 
 
 @dataclass(frozen=True)

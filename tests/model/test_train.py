@@ -12,8 +12,13 @@ import torch
 from model.cli import main
 from model.data.events import write_event_log
 from model.data.synthetic import SyntheticWorldConfig, generate
-from model.feature_spec import SpecError
-from model.train import TrainConfig, evaluate_run, load_checkpoint, prepare_data, to_tensors, train
+from model.features.spec import SpecError
+from model.training.batches import to_tensors
+from model.training.checkpoint import load_checkpoint
+from model.training.config import TrainConfig
+from model.training.data import prepare_data
+from model.training.evaluate import evaluate_run
+from model.training.loop import train
 
 SMALL = {"seq_len": 10, "d_model": 16, "batch_size": 256, "max_train_samples": 3000, "threads": 1}
 

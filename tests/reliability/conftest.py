@@ -69,7 +69,7 @@ def record_figure(request: pytest.FixtureRequest) -> Iterator[Callable[[str, str
     out = os.environ.get("POLARITY_RELIABILITY_REPORT")
     if not out or not figures:
         return
-    from model.bench import machine, update_section
+    from loadtest.bench.registry import machine, update_section
 
     outcome = request.node.stash.get(_OUTCOME, "error")
     name = "reliability-" + request.node.name.removeprefix("test_").replace("[", "-").rstrip("]").replace("_", "-")

@@ -20,7 +20,7 @@ from types import TracebackType
 import httpx
 from redis_process import free_port
 
-from loadtest.live_server import stop_process
+from loadtest.harness.live_server import stop_process
 
 
 def polarity_command() -> list[str]:

@@ -14,7 +14,9 @@ import torch
 
 from model.data.events import write_event_log
 from model.data.synthetic import SyntheticWorldConfig, generate
-from model.train import CHECKPOINT, TrainConfig, train
+from model.training.checkpoint import CHECKPOINT
+from model.training.config import TrainConfig
+from model.training.loop import train
 
 pytestmark = pytest.mark.slow
 

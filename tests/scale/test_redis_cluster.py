@@ -14,14 +14,8 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis_cluster import RedisClusterProcess, _command
 
-from service.history_store import (
-    ACCEPTED,
-    DUPLICATE,
-    HistoryEvent,
-    HistoryStore,
-    HistoryStoreUnavailable,
-    create_redis,
-)
+from service.history_store import ACCEPTED, DUPLICATE, HistoryEvent, HistoryStore, HistoryStoreUnavailable
+from service.redis_client import create_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.asyncio]
 

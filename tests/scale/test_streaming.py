@@ -10,10 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.data.events import EventLogError, write_event_log
+from model.data.samples import streamed_samples
 from model.data.stream import iter_user_chunks, temporal_split
 from model.data.synthetic import SyntheticWorldConfig, generate, write_large
-from model.samples import streamed_samples
-from model.train import TrainConfig, evaluate_run, evaluate_source, load_checkpoint, prepare_data, train
+from model.training.checkpoint import load_checkpoint
+from model.training.config import TrainConfig
+from model.training.data import prepare_data
+from model.training.evaluate import evaluate_run, evaluate_source
+from model.training.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from service.history_store import (
     HistoryStore,
     HistoryStoreUnavailable,
     RawHistory,
-    create_redis,
     user_tag,
 )
+from service.redis_client import create_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.asyncio]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from export.bundle import load_manifest
-from model.batch import INPUT_NAMES
+from model.features.inputs import INPUT_NAMES
 from service.inference import (
     CandidateShards,
     OnnxBackend,

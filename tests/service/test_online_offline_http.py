@@ -16,10 +16,10 @@ import onnxruntime as ort
 import pytest
 from service_harness import SettingsFactory, serving
 
-from model.batch import inputs_from_sequences
 from model.data.events import NO_CATEGORY, read_event_log
-from model.samples import encode_events, history_table
-from model.sequence import SequenceBatch, build_sequences
+from model.data.samples import encode_events, history_table
+from model.features.inputs import inputs_from_sequences
+from model.features.sequence import SequenceBatch, build_sequences
 from service.assembly import assemble_sequences
 
 pytestmark = [pytest.mark.redis, pytest.mark.asyncio]

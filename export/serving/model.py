@@ -1,0 +1,111 @@
+"""`ServingModel`: a trained model wrapped for export (sigmoid, folded weights, per-arch serving rewrites)."""
+
+from __future__ import annotations
+
+import copy
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from export.bundle import ATTENTION_NAME, OUTPUT_NAME
+from export.reference import ExportError
+from export.serving.folded import FoldedTAPFGate, FoldedTargetAttention
+from export.serving.onetrans import ServingOneTrans
+from model.models.ctr_model import SequenceCTRModel
+from model.models.din import DIN, target_head_logits
+from model.models.onetrans import OneTrans
+from model.models.transformer import TransformerCTR
+from model.modules.attention import TargetAttention
+from model.modules.polarity_gate import TAPFGate
+
+
+class ServingTargetAttentionCTR(nn.Module):
+    """`DIN.score` / `TransformerCTR.score` (encoded placement) for serving: the TAPF gate and the target attention
+    that pools its output run as one op (`FoldedTargetAttention.gated_pool`), so the (N, L, d) gated tokens are
+    never materialised. Same inputs and outputs as `score`: logits (N,), attention (N, L)."""
+
+    def __init__(self, model: SequenceCTRModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
+                cand_user: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.model
+        gate, att = cast(FoldedTAPFGate, m.gate), cast(FoldedTargetAttention, m.target_attention)
+        if isinstance(m, TransformerCTR):
+            assert m.cand_norm is not None
+            seq, gate_cand = m.encoder(tokens, mask), m.cand_norm(cand)  # (U, L, d) once per user
+        else:
+            seq, gate_cand = tokens, cand  # DIN has no encoder
+        pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
+        return target_head_logits(cast(nn.Module, m.head), pooled, cand, m.scaled_stats(stats), cand_user), weights
+
+ATTENTION_SOURCES = {
+    "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens",
+    "transformer": "DIN target attention of the candidate over the L encoded (TAPF-gated) tokens",
+    "onetrans": "aggregation attention of the candidate's NS tokens over the S tokens (gated), averaged over the "
+                "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0",
+    "dual_stream": "target attention of each polarity stream over its own tokens, halved so a row sums to 1",
+}
+
+class ServingModel(nn.Module):
+    """Inference wrapper: the model's serving-shaped inputs -> click probabilities (N,) and, with
+    `attention=True`, each candidate's attention weights over the L history positions (N, L).
+
+    The model returns logits (the loss lives in training); serving wants probabilities, so the
+    sigmoid is part of the exported graph. The attention comes from `SequenceCTRModel.score`, which
+    the model's own `forward` calls too: the probabilities are the same either way.
+    """
+
+    def __init__(self, model: nn.Module, *, attention: bool = True, scorer: nn.Module | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, SequenceCTRModel):
+            raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel; the exporter cannot serve it")
+        self.model = model
+        self.attention = attention
+        self.scorer = scorer  # a serving rewrite of `model.score` (same inputs and outputs), or None
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (OUTPUT_NAME, ATTENTION_NAME) if self.attention else (OUTPUT_NAME,)
+
+    def forward(self, seq_item: Tensor, seq_category: Tensor, seq_polarity: Tensor, seq_event: Tensor,
+                seq_mask: Tensor, user_stats: Tensor, cand_item: Tensor, cand_category: Tensor,
+                cand_user: Tensor) -> tuple[Tensor, ...]:
+        """-> (probability (N,),) or (probability (N,), attention (N, L))."""
+        model = self.model
+        tokens = model.embed.tokens(seq_item, seq_category, seq_polarity, seq_event, seq_mask)  # (U, L, d)
+        cand = model.embed.candidate(cand_item, cand_category)  # (N, d)
+        score = model.score if self.scorer is None else self.scorer
+        logits, weights = score(tokens=tokens, polarity=seq_polarity, mask=seq_mask, stats=user_stats,
+                                cand=cand, cand_user=cand_user)  # (N,), (N, L)
+        probs = torch.sigmoid(logits)
+        return (probs, weights) if self.attention else (probs,)
+
+    @classmethod
+    def from_trained(cls, model: nn.Module, *, attention: bool = True, fuse_pooling: bool = False) -> ServingModel:
+        """A deep copy of `model` in eval mode with every TAPFGate and TargetAttention folded (the original
+        is untouched). By default each gate is one plain `TAPFGate` node followed by the attention that pools
+        its output in stock ops; fuse_pooling: the gate of the encoded placement and that attention become one
+        `TAPFGateDotPool` / `TAPFGateMLPPool` node instead (same outputs; the (N, L, d) gated tokens then never
+        leave the kernel's scratch)."""
+        served = copy.deepcopy(model).eval()
+        if not isinstance(served, SequenceCTRModel):
+            raise ExportError(f"{type(model).__name__} is not a SequenceCTRModel; the exporter cannot serve it")
+        for parent in list(served.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, TAPFGate):
+                    setattr(parent, name, FoldedTAPFGate(child))
+                elif isinstance(child, TargetAttention):
+                    setattr(parent, name, FoldedTargetAttention(child))
+        scorer: nn.Module | None = None
+        literal = served.gate is not None and served.config.tapf_placement == "input"
+        if isinstance(served, OneTrans) and not literal:
+            scorer = ServingOneTrans(served, fuse_pooling=fuse_pooling)
+        elif fuse_pooling and served.gate is not None and (
+                isinstance(served, DIN) or (isinstance(served, TransformerCTR) and not literal)):
+            scorer = ServingTargetAttentionCTR(served)
+        for p in served.parameters():
+            p.requires_grad_(False)
+        return cls(served, attention=attention, scorer=scorer).eval()

@@ -1,0 +1,123 @@
+"""The `loadtest` package's subcommands: replay, loadtest, bench and demo (registered by `model.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.data import SOURCES
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import uuid
+
+    from loadtest.replay import ReplayConfig, format_report, replay_in_process, replay_url
+
+    if (args.url is None) == (args.redis_url is None):
+        raise ValueError("give either --url (a running service) or --redis-url (start the service in-process)")
+    user_prefix = args.user_prefix
+    if user_prefix is None:  # against a shared service, keep this replay's users apart from everybody's
+        user_prefix = "" if args.url is None else f"replay-{uuid.uuid4().hex[:10]}/"
+    cfg = ReplayConfig(data=Path(args.data), bundle=args.bundle, source=args.source, start_time=args.start_time,
+                       test_fraction=args.test_fraction, run_dir=args.run_dir, concurrency=args.concurrency,
+                       user_prefix=user_prefix, tolerance=args.tolerance, max_impressions=args.max_impressions,
+                       max_users=args.max_users)
+    if args.url is not None:
+        report = replay_url(cfg, args.url, redis_url=args.service_redis_url, key_prefix=args.key_prefix,
+                            api_key=args.api_key)
+    else:
+        report = replay_in_process(cfg, redis_url=args.redis_url)
+    print(format_report(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"report written to {args.out}")
+    return 1 if report["skew"]["failed"] else 0
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtest.open_loop import LoadConfig, format_report, run_load_sync
+
+    cfg = LoadConfig(url=args.url, rate=args.rate, duration_s=args.duration, candidates=args.candidates,
+                     users=args.users, events_mix=args.events_mix, events_per_post=args.events_per_post,
+                     items=args.items, warm_history=args.warm_history, max_connections=args.connections,
+                     timeout_s=args.timeout, metrics_url=args.metrics_url, api_key=args.api_key, seed=args.seed)
+    report = run_load_sync(cfg)
+    print(format_report(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"report written to {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from loadtest.bench.registry import BENCHES, run_bench
+
+    return run_bench(out=Path(args.out), only=args.only.split(",") if args.only else list(BENCHES))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loadtest.demo import run_demo
+
+    return run_demo(out=Path(args.out), events=args.events, seed=args.seed)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add replay, loadtest, bench and demo to `polarity`."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("replay", help="replay a log through the service: online vs offline AUC (skew check)",
+                       formatter_class=fmt)
+    p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
+    p.add_argument("--source", default="auto", choices=SOURCES)
+    p.add_argument("--bundle", required=True, type=Path,
+                   help="the bundle the service serves (also scored offline by the trainer's path)")
+    p.add_argument("--url", default=None, help="a running service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--redis-url", default=None, help="start the service in-process against this Redis instead")
+    p.add_argument("--start-time", type=float, default=None, help="replay events at or after this timestamp")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="else replay the last share of events (the trainer's temporal test split)")
+    p.add_argument("--run-dir", type=Path, default=None, help="score offline with this run's torch model")
+    p.add_argument("--concurrency", type=int, default=8, help="users replayed in parallel")
+    p.add_argument("--max-impressions", type=int, default=0, help="replay only the first K impressions (0 = all)")
+    p.add_argument("--max-users", type=int, default=0, help="replay only this many users, drawn at random (0 = all)")
+    p.add_argument("--user-prefix", default=None,
+                   help="prepended to user ids sent (default: a fresh one with --url, none in-process)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |online AUC - offline AUC|")
+    p.add_argument("--service-redis-url", default=None,
+                   help="with --url: the service's Redis, to show online tokens of diverging samples")
+    p.add_argument("--key-prefix", default=None, help="with --service-redis-url: the service's key prefix")
+    p.add_argument("--api-key", default=None, help="X-API-Key for /v1/events when the service requires one")
+    p.add_argument("--out", type=Path, default=None, help="JSON report")
+    p.set_defaults(handler=_replay)
+
+    p = sub.add_parser("loadtest", help="open-loop (Poisson) load test of /v1/score, with an optional events mix",
+                       formatter_class=fmt)
+    p.add_argument("--url", required=True, help="service base URL")
+    p.add_argument("--rate", type=float, required=True, help="mean arrivals per second")
+    p.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
+    p.add_argument("--candidates", type=int, default=500, help="N candidates per /v1/score request")
+    p.add_argument("--users", type=int, default=1000, help="user pool size")
+    p.add_argument("--events-mix", type=float, default=0.0, help="share of arrivals posting /v1/events instead")
+    p.add_argument("--events-per-post", type=int, default=10)
+    p.add_argument("--items", type=int, default=20_000, help="candidate item ids drawn from 0..items-1")
+    p.add_argument("--warm-history", type=int, default=0, help="events per user posted before the clock starts")
+    p.add_argument("--connections", type=int, default=64, help="HTTP connection pool bound")
+    p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
+    p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: URL/metrics)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="JSON report")
+    p.set_defaults(handler=_loadtest)
+
+    p = sub.add_parser("bench", help="measure and rewrite the matching sections of BENCHMARKS.md", formatter_class=fmt)
+    p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument("--only", default="", help="comma-separated bench names (default: all)")
+    p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("demo", help="the main job end to end on synthetic data", formatter_class=fmt)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--events", type=int, default=300_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_demo)

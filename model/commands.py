@@ -1,0 +1,110 @@
+"""The `model` package's subcommands: synth, train, evaluate, experiment (registered by `model.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from model.config_flags import add_config_flags, config_from_flags, json_object
+from model.data import SOURCES
+from model.models.config import ARCHS
+from model.training.config import TrainConfig
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from model.data.events import write_event_log
+    from model.data.synthetic import SyntheticWorldConfig, generate
+
+    cfg = SyntheticWorldConfig(users=args.users, items=args.items, events=args.events, seed=args.seed,
+                               positive_rate=args.positive_rate, categories=args.categories,
+                               mean_stretch=args.mean_stretch)
+    t0 = time.perf_counter()
+    columns = generate(cfg)
+    path = write_event_log(columns, args.out)
+    elapsed = time.perf_counter() - t0
+    rate = float(columns["label"].mean())
+    print(f"wrote {len(columns['label']):,} events ({rate:.1%} positive) to {path} in {elapsed:.1f}s")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.training.loop import train
+    from model.training.metrics import print_metrics_table
+
+    cfg = config_from_flags(TrainConfig, args)
+    metrics = train(cfg, out=args.out, resume=True if args.resume else None)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for everyone
+        print_metrics_table(metrics)
+        print(f"run written to {args.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from model.training.evaluate import evaluate_run
+    from model.training.metrics import print_metrics_table
+
+    metrics = evaluate_run(args.run_dir, data=args.data, source=args.source)
+    print_metrics_table(metrics)
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from model.experiments.runner import run_experiment
+
+    path = run_experiment(args.name, data=args.data, out=Path(args.out), seeds=args.seeds,
+                          archs=args.archs.split(","), train_overrides=args.train_overrides, jobs=args.jobs)
+    print(path.read_text())
+    print(f"tables and plots in {args.out}")
+    return 0
+
+
+def _synth_default(name: str) -> Any:
+    from model.data.synthetic import SyntheticWorldConfig
+
+    return next(f.default for f in dataclasses.fields(SyntheticWorldConfig) if f.name == name)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add synth, train, evaluate and experiment to `polarity`."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("synth", help="write a synthetic event log where skips carry information", formatter_class=fmt)
+    p.add_argument("--out", required=True, type=Path, help="output .csv or .parquet")
+    p.add_argument("--users", type=int, default=_synth_default("users"))
+    p.add_argument("--items", type=int, default=_synth_default("items"))
+    p.add_argument("--events", type=int, default=_synth_default("events"))
+    p.add_argument("--categories", type=int, default=_synth_default("categories"))
+    p.add_argument("--positive-rate", type=float, default=_synth_default("positive_rate"))
+    p.add_argument("--mean-stretch", type=float, default=_synth_default("mean_stretch"),
+                   help="mean exposures an interest stays active (shorter: positives go stale sooner)")
+    p.add_argument("--seed", type=int, default=_synth_default("seed"))
+    p.set_defaults(handler=_synth)
+
+    p = sub.add_parser("train", help="train a CTR model on an event log")
+    add_config_flags(p, TrainConfig, required=("data",))
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (model, optimizer, epoch); under torchrun a restarted "
+                        "worker resumes by itself")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run (on its own data or another log)", formatter_class=fmt)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", default=None, help="another log to evaluate on (default: the run's valid and test parts)")
+    p.add_argument("--source", default="auto", choices=SOURCES, help="how to read --data")
+    p.set_defaults(handler=_evaluate)
+
+    p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation", formatter_class=fmt)
+    p.add_argument("name", choices=("rq1", "length", "ratio", "ablation"))
+    p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    p.add_argument("--archs", default="din,transformer,onetrans", help=f"comma-separated, of {', '.join(ARCHS)}")
+    p.add_argument("--train-overrides", type=json_object, default={}, metavar="JSON",
+                   help="TrainConfig fields for every run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once in worker processes (give each a thread budget via --train-overrides)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(handler=_experiment)

@@ -1,0 +1,88 @@
+"""The `service` package's subcommands: serve and ingest (registered by `model.cli`). Torch-free."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+
+def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
+    """Settings from POLARITY_* env vars, overridden by the flags given on the command line."""
+    from service.settings import Settings
+
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from export.bundle import load_manifest
+    from service.app import create_app
+    from service.errors import StartupError
+    from service.inference import choose_providers
+
+    settings = _settings(args, ("bundle", "redis_url", "host", "port", "device", "model_dir", "metrics_port",
+                                "inference_threads"))
+    if settings.bundle is None:
+        raise ValueError("no model bundle: pass --bundle DIR or set POLARITY_BUNDLE")
+    try:
+        choose_providers(settings.device)  # a requested GPU that is not there: say so before binding a port
+    except StartupError as exc:
+        raise ValueError(str(exc)) from None
+    load_manifest(settings.bundle)  # BundleError (a ValueError) names the file and the problem
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, lifespan="on")
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+    import socket
+
+    from service.ingest import run_ingester
+
+    settings = _settings(args, ("redis_url", "metrics_port", "host"))
+    consumer = args.consumer or f"{socket.gethostname()}-{os.getpid()}"
+    applied = asyncio.run(run_ingester(settings, stream=args.stream, group=args.group, consumer=consumer,
+                                       batch_size=args.batch_size, block_ms=args.block_ms,
+                                       claim_idle_ms=args.claim_idle_ms, until_idle=args.until_idle))
+    print(f"ingested {applied:,} stream entries from {args.stream} (group {args.group}, consumer {consumer})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add serve and ingest to `polarity`."""
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("serve", help="run the scoring service (HTTP; each flag also POLARITY_<NAME>)")
+    p.add_argument("--bundle", type=Path, default=None, help="exported bundle directory (POLARITY_BUNDLE)")
+    p.add_argument("--redis-url", default=None, help="history store, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when available else CPU; cuda: fail unless CUDA runs the model")
+    p.add_argument("--model-dir", type=Path, default=None, help="bundles for /v1/admin/reload must lie under it")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead")
+    p.add_argument("--inference-threads", type=int, default=None, help="ONNX Runtime intra-op threads (0 = cores)")
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("ingest", help="apply events from a Redis stream (consumer group) to the histories",
+                       formatter_class=fmt)
+    p.add_argument("--redis-url", default=None, help="Redis holding the stream and the histories (POLARITY_REDIS_URL)")
+    p.add_argument("--stream", required=True)
+    p.add_argument("--group", required=True)
+    p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
+    p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    p.add_argument("--host", default=None, help="bind address of the metrics port (default 127.0.0.1)")
+    # 500: a stream drained ~10% faster than with 256 (1000: no faster again).
+    p.add_argument("--batch-size", type=int, default=500, help="entries per XREADGROUP")
+    p.add_argument("--block-ms", type=int, default=1000, help="XREADGROUP BLOCK")
+    p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim others' entries pending this long")
+    p.add_argument("--until-idle", action="store_true", help="exit once the group has nothing left to read")
+    p.set_defaults(handler=_ingest)

@@ -1,0 +1,120 @@
+"""The history store's two Lua scripts and the design notes behind them (`service.history_store` runs them).
+
+Both are plain text sent with EVALSHA (loaded on first use); they touch only one user's keys per user
+entry, so on Redis Cluster a call that groups users of one hash slot is allowed.
+"""
+
+# KEYS: 4 per user (pos, neg, seq, dedupe), users in call order. ARGV: cap, ttl_s, dedupe_ttl_s,
+# the events' text, then one per event: '' (no event id) or '=' .. event_id (the dedupe member).
+# The events' text holds, per user in KEYS order, a line with his event count, then per event two
+# lines: ('p' or 'n') .. timestamp, and the payload (compact JSON: it never holds a raw newline;
+# event ids may, so they travel as arguments of their own). Returns per event, in that order,
+# 1 (accepted) / 0 (duplicate).
+#
+# Every user's keys get what the one-user-per-call script gave them: an id is a duplicate while
+# its dedupe entry has not expired, accepted events take the next arrival counters in order, both
+# histories are kept within `cap` and all keys' TTLs refreshed. What makes it cheaper per event:
+# - one call for many users: no per-user EVALSHA (parsing, script lookup, Lua call set-up);
+# - one text argument instead of three per event: cheaper for the client to send and for Redis
+#   to take apart;
+# - numbers reach redis.call as strings: a Lua number argument is formatted with '%.17g' on
+#   every call;
+# - `ZADD NX` answers "seen before?" and records the id in one command; an entry that is still
+#   there but expired (purged lazily) is re-armed and the event accepted;
+# - dedupe expiries are whole seconds (the id is remembered up to 1 s longer): a small sorted
+#   set (listpack) stores an integral score as an integer, so finding a position does not parse a
+#   decimal string per entry;
+# - expired ids are purged when the user's counter passes a multiple of 64, not on every write
+#   (the set holds at most 64 expired ids beyond the live ones);
+# - one INCRBY and one ZADD per user and polarity, not one per event;
+# - no trim while the user's counter is within cap (nothing to remove: see the script).
+APPEND_SCRIPT = """
+local cap = tonumber(ARGV[1])
+local trim = tostring(-(cap + 1))
+local ttl = ARGV[2]
+local dttl = ARGV[3]
+local text = ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local find, sub, byte, format = string.find, string.sub, string.byte, string.format
+local expiry = format('%d', tonumber(t[1]) + tonumber(dttl) + 1)
+local function zadd(key, scored)
+  -- unpack() is bounded by the Lua stack: at most 500 members per ZADD
+  for lo = 1, #scored, 1000 do
+    redis.call('ZADD', key, unpack(scored, lo, math.min(lo + 999, #scored)))
+  end
+end
+local out = {}
+local at = 1  -- read position in text
+local e = 0  -- events read so far
+for u = 0, #KEYS / 4 - 1 do
+  local kpos, kneg, kseq, kded = KEYS[4 * u + 1], KEYS[4 * u + 2], KEYS[4 * u + 3], KEYS[4 * u + 4]
+  local stop = find(text, '\\n', at, true)
+  local n = tonumber(sub(text, at, stop - 1))
+  at = stop + 1
+  local fresh = {}
+  local ids = false
+  for _ = 1, n do
+    e = e + 1
+    local head_end = find(text, '\\n', at, true)
+    local payload_end = find(text, '\\n', head_end + 1, true)
+    local id = ARGV[4 + e]
+    local ok = true
+    if id ~= '' then
+      ids = true
+      if redis.call('ZADD', kded, 'NX', expiry, id) == 0 then
+        if tonumber(redis.call('ZSCORE', kded, id)) > now then
+          ok = false
+        else
+          redis.call('ZADD', kded, expiry, id)
+        end
+      end
+    end
+    if ok then
+      fresh[#fresh + 1] = at  -- 'p'/'n' at `at`, timestamp up to head_end, then the payload
+      fresh[#fresh + 1] = head_end
+      fresh[#fresh + 1] = payload_end
+      out[e] = 1
+    else
+      out[e] = 0
+    end
+    at = payload_end + 1
+  end
+  local nfresh = #fresh / 3
+  if nfresh > 0 then
+    local total = redis.call('INCRBY', kseq, format('%d', nfresh))
+    local s = total - nfresh
+    local pos, neg = {}, {}
+    for j = 1, nfresh do
+      local from, head_end, payload_end = fresh[3 * j - 2], fresh[3 * j - 1], fresh[3 * j]
+      local z = neg
+      if byte(text, from) == 112 then z = pos end  -- 'p'
+      z[#z + 1] = sub(text, from + 1, head_end - 1)
+      z[#z + 1] = format('%016d:%s', s + j, sub(text, head_end + 1, payload_end - 1))
+    end
+    if #pos > 0 then zadd(kpos, pos) end
+    if #neg > 0 then zadd(kneg, neg) end
+    -- The counter counts every event ever added to either history (it is set and expires with
+    -- them): while it is within cap, neither history can be longer than cap.
+    if total > cap then
+      redis.call('ZREMRANGEBYRANK', kpos, '0', trim)
+      redis.call('ZREMRANGEBYRANK', kneg, '0', trim)
+    end
+    if ids and math.floor(s / 64) ~= math.floor(total / 64) then
+      redis.call('ZREMRANGEBYSCORE', kded, '-inf', t[1])
+    end
+  end
+  redis.call('EXPIRE', kpos, ttl)
+  redis.call('EXPIRE', kneg, ttl)
+  redis.call('EXPIRE', kseq, ttl)
+  if ids then redis.call('EXPIRE', kded, dttl) end
+end
+return out
+"""
+
+# KEYS: pos, neg. Scores come back as the exact text Redis formats them in (%.17g), not as Lua
+# numbers, so timestamps round-trip bit for bit.
+READ_SCRIPT = """
+return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
+        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+"""
