@@ -39,9 +39,6 @@ def cluster_ports(n: int) -> list[int]:
     return ports
 
 
-def _command(cli: str, port: int, *args: str) -> str:
-    done = subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10)
-    return done.stdout
 
 
 class RedisClusterProcess:
@@ -66,7 +63,7 @@ class RedisClusterProcess:
             (self.dir / str(port)).mkdir()
             self._spawn(port)
         for port in self.ports:
-            self._wait(lambda p=port: _command(self.cli, p, "PING").strip() == "PONG", f"node {port} did not start")
+            self._wait(lambda p=port: self.command(p, "PING").strip() == "PONG", f"node {port} did not start")
         created = subprocess.run(
             [self.cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
              "--cluster-replicas", "0", "--cluster-yes"],
@@ -75,9 +72,14 @@ class RedisClusterProcess:
         if created.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
         for port in self.ports:
-            self._wait(lambda p=port: "cluster_state:ok" in _command(self.cli, p, "CLUSTER", "INFO"),
+            self._wait(lambda p=port: "cluster_state:ok" in self.command(p, "CLUSTER", "INFO"),
                        f"node {port} never saw cluster_state:ok")
         return self
+
+    def command(self, port: int, *args: str) -> str:
+        """redis-cli -p PORT ARGS...: its stdout."""
+        done = subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=10)
+        return done.stdout
 
     def _spawn(self, port: int) -> None:
         node_dir = self.dir / str(port)
@@ -92,15 +94,15 @@ class RedisClusterProcess:
         """Start a killed master again: same port and nodes.conf, so it takes its slots back (empty:
         no persistence), and wait until every node reports cluster_state:ok."""
         self._spawn(port)
-        self._wait(lambda: _command(self.cli, port, "PING").strip() == "PONG", f"node {port} did not restart")
+        self._wait(lambda: self.command(port, "PING").strip() == "PONG", f"node {port} did not restart")
         for p in self.ports:
-            self._wait(lambda p=p: "cluster_state:ok" in _command(self.cli, p, "CLUSTER", "INFO"),
+            self._wait(lambda p=p: "cluster_state:ok" in self.command(p, "CLUSTER", "INFO"),
                        f"node {p} never saw cluster_state:ok after the restart", timeout=30)
 
     def slots_of(self, port: int) -> list[tuple[int, int]]:
         """Slot ranges served by the master on `port`."""
         out = []
-        for line in _command(self.cli, self.ports[0], "CLUSTER", "NODES").splitlines():
+        for line in self.command(self.ports[0], "CLUSTER", "NODES").splitlines():
             fields = line.split()
             if fields[1].startswith(f"127.0.0.1:{port}@"):
                 out += [tuple(int(x) for x in r.split("-")) if "-" in r else (int(r), int(r))

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis_cluster import RedisClusterProcess, _command
+from redis_cluster import RedisClusterProcess
 
 from service.history_store import ACCEPTED, DUPLICATE, HistoryEvent, HistoryStore, HistoryStoreUnavailable
 from service.redis_client import create_redis
@@ -76,7 +76,7 @@ async def test_user_keys_share_a_slot_and_users_spread_over_all_masters(cluster:
             slots = {key_slot(k.encode()) for k in keys}
             assert len(slots) == 1, (user, keys)
             # The server computes the same slot (hash tag honoured by Redis itself).
-            assert int(_command(cluster.ports[0], "CLUSTER", "KEYSLOT", keys[0])) == slots.pop()
+            assert int(cluster.command(cluster.ports[0], "CLUSTER", "KEYSLOT", keys[0])) == slots.pop()
             owners.add(owner(cluster, keys[0]))
         assert owners == set(cluster.ports)  # a batch of users is a pipeline to every master
 
@@ -104,7 +104,7 @@ async def test_append_read_dedupe_and_noscript_on_a_cluster(cluster: RedisCluste
 
         # Scripts flushed on every master (e.g. a node restarted): NOSCRIPT -> load -> re-run once.
         for p in cluster.ports:
-            assert _command(p, "SCRIPT", "FLUSH").strip() == "OK"
+            assert cluster.command(p, "SCRIPT", "FLUSH").strip() == "OK"
         more = [click(u, "new", 200.0, eid=f"{u}-new") for u in users]
         assert await store.append(more) == [ACCEPTED] * len(users)
         assert await store.append(more) == [DUPLICATE] * len(users)
