@@ -1,17 +1,17 @@
 """deploy/compose.yaml against the compose-spec schema (check-jsonschema's vendored copy), plus the
 wiring a schema cannot see: mounts that exist, the scrape targets Prometheus is given, the Grafana
-datasource uid every dashboard refers to."""
+datasource uid that every dashboard's `datasource` variable defaults to."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from dashboard_panels import panels
 from deploy_paths import DEPLOY, GRAFANA, PROMETHEUS, ROOT, tool
 
 COMPOSE = DEPLOY / "compose.yaml"
@@ -85,7 +85,7 @@ def test_services_are_wired_together() -> None:
                 assert mount.endswith(":ro"), mount
 
 
-def test_grafana_provisioning_points_at_the_dashboards_and_a_fixed_datasource_uid() -> None:
+def test_grafana_provisioning_points_at_the_dashboards_and_the_datasource_variable_defaults_to_it() -> None:
     grafana = compose()["services"]["grafana"]
     ds = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yaml").read_text())["datasources"]
     assert len(ds) == 1 and ds[0]["type"] == "prometheus" and ds[0]["url"] == "http://prometheus:9090"
@@ -103,11 +103,35 @@ def test_grafana_provisioning_points_at_the_dashboards_and_a_fixed_datasource_ui
         board = json.loads(text)
         assert "__inputs" not in board and "${DS_" not in text, f"{path.name} needs import-time inputs"
         uids.add(board["uid"])
-        refs = [m for m in re.findall(r'"datasource":\s*(\{[^}]*\})', text)]
+        # Portable: every panel and query variable reads the `datasource` variable (so the board imports into any
+        # Grafana), whose default is the provisioned datasource (so compose shows data with no click).
+        variables = board["templating"]["list"]
+        chooser = variables[0]
+        assert chooser["name"] == "datasource" and chooser["type"] == "datasource", path.name
+        assert chooser["query"] == "prometheus" and chooser["current"]["value"] == uid, path.name
+        refs = list(_datasource_refs(board))
         assert refs, path.name
         for ref in refs:
-            assert json.loads(ref) == {"type": "prometheus", "uid": uid}, f"{path.name}: {ref}"
+            assert ref == {"type": "prometheus", "uid": "${datasource}"}, f"{path.name}: {ref}"
+        for panel in panels(board):
+            assert panel["datasource"]["uid"] == "${datasource}", f"{path.name}: {panel['title']}"
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == "${datasource}", f"{path.name}: {panel['title']}"
+        for var in variables[1:]:
+            assert var["datasource"]["uid"] == "${datasource}", f"{path.name}: variable {var['name']}"
     assert len(uids) == len(boards)
+
+
+def _datasource_refs(node: Any) -> Any:
+    """Every `"datasource": {...}` object anywhere in a dashboard."""
+    if isinstance(node, dict):
+        if isinstance(node.get("datasource"), dict):
+            yield node["datasource"]
+        for value in node.values():
+            yield from _datasource_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _datasource_refs(value)
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
