@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from deploy_paths import GRAFANA, K8S, PROMETHEUS, tool
+from deploy_paths import GRAFANA, K8S, PROMETHEUS, ROOT, tool
 
 from service.metrics import ServiceMetrics
 
@@ -114,3 +114,18 @@ def test_rules_dashboards_and_autoscaling_use_metrics_the_service_exposes() -> N
         unknown = referenced_metrics(text) - exposed
         assert referenced_metrics(text), name
         assert not unknown, f"{name} uses metrics the service does not expose: {sorted(unknown)}"
+
+
+def test_every_alert_has_a_runbook_section_that_exists() -> None:
+    """runbook_url names a heading of docs/runbooks.md (GitHub's anchor: the heading, lower-cased)."""
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    runbook = (ROOT / "docs/runbooks.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^## (.+)$", runbook, flags=re.M)}
+    for rule in (r for g in groups for r in g["rules"] if "alert" in r):
+        annotations = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= set(annotations), rule["alert"]
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert page == "docs/runbooks.md" and anchor in anchors, f"{rule['alert']}: {annotations['runbook_url']}"
+        section = runbook.split(f"## {rule['alert']}\n", 1)[1].split("\n## ", 1)[0]
+        assert "**Look at:**" in section and "**Act:**" in section, rule["alert"]
