@@ -17,8 +17,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add export to `polarity`."""
-    p = sub.add_parser("export", help="export a trained run to an ONNX bundle (model.onnx + manifest.json)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("export", help="export a trained run to an ONNX bundle (model.onnx + manifest.json)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", required=True, type=Path, help="bundle directory")
     p.add_argument("--optimize", action="store_true", help="also save an ONNX Runtime-optimised model.opt.onnx")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from model.data import SOURCES
@@ -49,7 +50,25 @@ def _loadtest(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(f"report written to {args.out}")
+    failed = load_failure(report, max_error_share=args.max_error_share)
+    if failed:
+        print(f"polarity loadtest: {failed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def load_failure(report: dict[str, object], *, max_error_share: float) -> str | None:
+    """Why a load test failed (every request failed, or more than `max_error_share` of them), else None."""
+    ok, errors = int(str(report["completed_ok"])), int(str(report["error_count"]))
+    if ok + errors == 0:
+        return "no request was sent"
+    if ok == 0:
+        return f"every request failed ({errors:,}: {report['errors']})"
+    share = errors / (ok + errors)
+    if share > max_error_share:
+        return (f"{share:.1%} of requests failed ({errors:,} of {ok + errors:,}), "
+                f"over --max-error-share {max_error_share}")
+    return None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -66,11 +85,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add replay, loadtest, bench and demo to `polarity`."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("replay", help="replay a log through the service: online vs offline AUC (skew check)",
-                       formatter_class=fmt)
+    p = sub.add_parser("replay", help="replay a log through the service: online vs offline AUC (skew check)")
     p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
-    p.add_argument("--source", default="auto", choices=SOURCES)
+    p.add_argument("--source", default="auto", choices=SOURCES, help="how to read --data")
     p.add_argument("--bundle", required=True, type=Path,
                    help="the bundle the service serves (also scored offline by the trainer's path)")
     p.add_argument("--url", default=None, help="a running service, e.g. http://127.0.0.1:8000")
@@ -92,32 +109,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON report")
     p.set_defaults(handler=_replay)
 
-    p = sub.add_parser("loadtest", help="open-loop (Poisson) load test of /v1/score, with an optional events mix",
-                       formatter_class=fmt)
+    p = sub.add_parser("loadtest", help="open-loop (Poisson) load test of /v1/score, with an optional events mix")
     p.add_argument("--url", required=True, help="service base URL")
     p.add_argument("--rate", type=float, required=True, help="mean arrivals per second")
     p.add_argument("--duration", type=float, required=True, help="seconds of arrivals")
     p.add_argument("--candidates", type=int, default=500, help="N candidates per /v1/score request")
     p.add_argument("--users", type=int, default=1000, help="user pool size")
     p.add_argument("--events-mix", type=float, default=0.0, help="share of arrivals posting /v1/events instead")
-    p.add_argument("--events-per-post", type=int, default=10)
+    p.add_argument("--events-per-post", type=int, default=10, help="events in each /v1/events request")
     p.add_argument("--items", type=int, default=20_000, help="candidate item ids drawn from 0..items-1")
     p.add_argument("--warm-history", type=int, default=0, help="events per user posted before the clock starts")
     p.add_argument("--connections", type=int, default=64, help="HTTP connection pool bound")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout (s)")
     p.add_argument("--metrics-url", default=None, help="Prometheus endpoint (default: URL/metrics)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--api-key", default=None, help="X-API-Key for /v1/events when the service requires one")
+    p.add_argument("--seed", type=int, default=0, help="random seed of arrivals, users and candidates")
     p.add_argument("--out", type=Path, default=None, help="JSON report")
+    p.add_argument("--max-error-share", type=float, default=0.01,
+                   help="exit 1 when more than this share of requests failed (and whenever every request failed)")
     p.set_defaults(handler=_loadtest)
 
-    p = sub.add_parser("bench", help="measure and rewrite the matching sections of BENCHMARKS.md", formatter_class=fmt)
-    p.add_argument("--out", default="BENCHMARKS.md")
+    p = sub.add_parser("bench", help="measure and rewrite the matching sections of BENCHMARKS.md")
+    p.add_argument("--out", default="BENCHMARKS.md", help="markdown file whose sections are rewritten")
     p.add_argument("--only", default="", help="comma-separated bench names (default: all)")
     p.set_defaults(handler=_bench)
 
-    p = sub.add_parser("demo", help="the main job end to end on synthetic data", formatter_class=fmt)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--events", type=int, default=300_000)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="the main job end to end on synthetic data")
+    p.add_argument("--out", default="runs/demo", help="folder for the log, run, bundle and reports")
+    p.add_argument("--events", type=int, default=300_000, help="impressions in the synthetic log")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(handler=_demo)

@@ -35,7 +35,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-from tqdm import tqdm
 
 from loadtest.latency_histogram import LatencyHistogram
 from model.data.events import EventTable
@@ -44,6 +43,7 @@ from model.data.samples import SampleSource, encode_events, history_table, sampl
 from model.features.sequence import SequenceBatch
 from model.features.spec import FIRST_ID_INDEX, OOV_INDEX, FeatureSpec
 from model.features.vocab import Vocabulary
+from model.progress import progress_bar
 from model.training.metrics import summarize
 
 SKEW_INJECTIONS = ("inclusive-cutoff",)
@@ -208,7 +208,8 @@ async def replay_online(client: httpx.AsyncClient, table: EventTable, prefix: np
 
 
     t0 = time.perf_counter()
-    bar = tqdm(total=len(prefix) + len(window), unit="event", disable=not cfg.progress, desc="replay: load history")
+    bar = progress_bar(total=len(prefix) + len(window), unit="event", enabled=cfg.progress,
+                       desc="replay: load history")
 
     async def load(positions: np.ndarray) -> None:
         for lo in range(0, len(positions), cfg.load_batch):

@@ -14,6 +14,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, entry_points, version
+from typing import Any, cast
+
+from model.progress import DEFAULT_INTERVAL_S, configure_progress
 
 COMMAND_GROUP = "polarity.commands"
 # What the `train` extra brings (pyproject.toml): a command that needs one on a serving install says so.
@@ -51,11 +54,44 @@ def _registrars() -> list[Register]:
     return registrars
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the option is required, takes no value of its own
+    (--help, --version) or its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (not action.option_strings or action.required or action.default is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return action.help
+        if action.default is None:
+            return f"{text} (default: none)".lstrip()
+        if isinstance(action.default, bool) and action.nargs == 0 and not isinstance(
+                action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if action.default else 'off'})".lstrip()
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class PolarityParser(argparse.ArgumentParser):
+    """One help style for every command, whichever package registered it: subcommand parsers (at any depth)
+    are of the class of the parser that made them, so they all show their defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["formatter_class"] = DefaultsHelpFormatter
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polarity", description=(__doc__ or "").splitlines()[0])
+    parser = PolarityParser(prog="polarity", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or progress lines (errors and results still print)")
+    parser.add_argument("--progress-every", type=float, default=DEFAULT_INTERVAL_S, metavar="SECONDS",
+                        help="when stderr is not a terminal, one progress line per this many seconds "
+                             "(on a terminal: a live bar)")
     parser.add_argument("--version", action="version", version=f"polarity {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The registrars take the plain type; the parsers they add are PolarityParsers all the same.
+    sub = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+               parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     for register in _registrars():
         register(sub)
     return parser
@@ -66,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.progress_every <= 0:
+        parser.error("--progress-every must be > 0")
+    configure_progress(enabled=not args.quiet, interval_s=args.progress_every)
     handler: Handler = args.handler
     try:
         return handler(args)

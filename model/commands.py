@@ -44,11 +44,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from model.training.evaluate import evaluate_run
-    from model.training.metrics import print_metrics_table
+    import json
 
-    metrics = evaluate_run(args.run_dir, data=args.data, source=args.source)
+    from model.training.evaluate import evaluate_run
+    from model.training.metrics import print_metrics_table, slices_table
+
+    out: Path = args.out or args.run_dir / ("evaluation.json" if args.data is None
+                                            else f"evaluation-{Path(args.data).stem}.json")
+    if out.exists() and not args.force:  # checked before the (long) evaluation, not after
+        raise ValueError(f"{out} exists; pass --force to overwrite it or --out another file")
+    metrics = evaluate_run(args.run_dir, data=args.data, source=args.source, progress=True)
     print_metrics_table(metrics)
+    print()
+    print(slices_table(metrics))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"run_dir": str(args.run_dir), "data": args.data, **metrics}, indent=2))
+    print(f"metrics with every slice written to {out}")
     return 0
 
 
@@ -70,17 +81,17 @@ def _synth_default(name: str) -> Any:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add synth, train, evaluate and experiment to `polarity`."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("synth", help="write a synthetic event log where skips carry information", formatter_class=fmt)
+    p = sub.add_parser("synth", help="write a synthetic event log where skips carry information")
     p.add_argument("--out", required=True, type=Path, help="output .csv or .parquet")
-    p.add_argument("--users", type=int, default=_synth_default("users"))
-    p.add_argument("--items", type=int, default=_synth_default("items"))
-    p.add_argument("--events", type=int, default=_synth_default("events"))
-    p.add_argument("--categories", type=int, default=_synth_default("categories"))
-    p.add_argument("--positive-rate", type=float, default=_synth_default("positive_rate"))
+    p.add_argument("--users", type=int, default=_synth_default("users"), help="distinct users")
+    p.add_argument("--items", type=int, default=_synth_default("items"), help="distinct items")
+    p.add_argument("--events", type=int, default=_synth_default("events"), help="impressions in the log")
+    p.add_argument("--categories", type=int, default=_synth_default("categories"), help="item categories")
+    p.add_argument("--positive-rate", type=float, default=_synth_default("positive_rate"),
+                   help="share of impressions that are clicks")
     p.add_argument("--mean-stretch", type=float, default=_synth_default("mean_stretch"),
                    help="mean exposures an interest stays active (shorter: positives go stale sooner)")
-    p.add_argument("--seed", type=int, default=_synth_default("seed"))
+    p.add_argument("--seed", type=int, default=_synth_default("seed"), help="random seed")
     p.set_defaults(handler=_synth)
 
     p = sub.add_parser("train", help="train a CTR model on an event log")
@@ -91,13 +102,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "worker resumes by itself")
     p.set_defaults(handler=_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a trained run (on its own data or another log)", formatter_class=fmt)
+    p = sub.add_parser("evaluate", help="evaluate a trained run (on its own data or another log)")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", default=None, help="another log to evaluate on (default: the run's valid and test parts)")
     p.add_argument("--source", default="auto", choices=SOURCES, help="how to read --data")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON of every metric and slice (default: RUN_DIR/evaluation.json, or "
+                        "RUN_DIR/evaluation-<log name>.json with --data)")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     p.set_defaults(handler=_evaluate)
 
-    p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation", formatter_class=fmt)
+    p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation")
     p.add_argument("name", choices=("rq1", "length", "ratio", "ablation"))
     p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")

@@ -19,6 +19,16 @@ def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
     return Settings(**given)
 
 
+def _setting_help(text: str, name: str, *, default: str | None = None) -> str:
+    """Help for a flag that overrides setting `name`: its env var and the default the setting has."""
+    from service.settings import Settings
+
+    if default is None:
+        value = Settings.model_fields[name].get_default(call_default_factory=True)
+        default = "none" if value is None else str(value)
+    return f"{text} (env POLARITY_{name.upper()}; default: {default})"
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -59,27 +69,35 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add serve and ingest to `polarity`."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("serve", help="run the scoring service (HTTP; each flag also POLARITY_<NAME>)")
-    p.add_argument("--bundle", type=Path, default=None, help="exported bundle directory (POLARITY_BUNDLE)")
-    p.add_argument("--redis-url", default=None, help="history store, e.g. redis://127.0.0.1:6379/0")
-    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--bundle", type=Path, default=None, help=_setting_help("exported bundle directory", "bundle"))
+    p.add_argument("--redis-url", default=None, help=_setting_help("history store", "redis_url"))
+    p.add_argument("--host", default=None, help=_setting_help("bind address", "host"))
+    p.add_argument("--port", type=int, default=None, help=_setting_help("HTTP port", "port"))
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                   help="auto: CUDA when available else CPU; cuda: fail unless CUDA runs the model")
-    p.add_argument("--model-dir", type=Path, default=None, help="bundles for /v1/admin/reload must lie under it")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port instead")
-    p.add_argument("--inference-threads", type=int, default=None, help="ONNX Runtime intra-op threads (0 = cores)")
+                   help=_setting_help("auto: CUDA when available else CPU; cuda: fail unless CUDA runs the "
+                                      "model", "device"))
+    p.add_argument("--model-dir", type=Path, default=None,
+                   help=_setting_help("bundles for /v1/admin/reload must lie under it", "model_dir",
+                                      default="the bundle's parent"))
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help=_setting_help("serve /metrics on this port instead", "metrics_port",
+                                      default="none: on the API port"))
+    p.add_argument("--inference-threads", type=int, default=None,
+                   help=_setting_help("ONNX Runtime intra-op threads (0 = cores / workers)",
+                                      "inference_threads"))
     p.set_defaults(handler=_serve)
 
-    p = sub.add_parser("ingest", help="apply events from a Redis stream (consumer group) to the histories",
-                       formatter_class=fmt)
-    p.add_argument("--redis-url", default=None, help="Redis holding the stream and the histories (POLARITY_REDIS_URL)")
-    p.add_argument("--stream", required=True)
-    p.add_argument("--group", required=True)
+    p = sub.add_parser("ingest", help="apply events from a Redis stream (consumer group) to the histories")
+    p.add_argument("--redis-url", default=None,
+                   help=_setting_help("Redis holding the stream and the histories", "redis_url"))
+    p.add_argument("--stream", required=True, help="Redis stream to read, e.g. polarity:events")
+    p.add_argument("--group", required=True, help="consumer group (created when missing)")
     p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
-    p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
-    p.add_argument("--host", default=None, help="bind address of the metrics port (default 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help=_setting_help("expose Prometheus metrics on this port", "metrics_port",
+                                      default="none: no metrics"))
+    p.add_argument("--host", default=None, help=_setting_help("bind address of the metrics port", "host"))
     # 500: a stream drained ~10% faster than with 256 (1000: no faster again).
     p.add_argument("--batch-size", type=int, default=500, help="entries per XREADGROUP")
     p.add_argument("--block-ms", type=int, default=1000, help="XREADGROUP BLOCK")

@@ -9,6 +9,7 @@ build a model from a config are in `model.models` (`build_model`), so this modul
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -139,7 +140,39 @@ class ModelConfig:
                             f"{sorted((shared - {'options'}) | own)}")
         for key in [k for k in data if k not in shared]:
             options[key] = data.pop(key)
+        check_value_types(cls, data)
+        check_value_types(kind, options)
         if "head_hidden" in data:
             data["head_hidden"] = tuple(data["head_hidden"])
         cfg: ModelConfig = from_dict_strict(cls, {**data, "options": from_dict_strict(kind, options)})
         return cfg
+
+
+def check_value_types(cls: type, values: dict[str, Any]) -> None:
+    """SpecError naming the key whose value has the wrong JSON type for dataclass `cls`'s field (an int
+    where a width is expected, a list of ints for `head_hidden`); keys that are not fields are left to the
+    strict parser. bool is not taken for a number, a number is taken for a float."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        kind = hints.get(key)
+        if kind is None:
+            continue
+        ok = _TYPE_CHECKS.get(kind)
+        if ok is not None and not ok(value):
+            raise SpecError(f"{cls.__name__}: {key!r} must be {_TYPE_NAMES[kind]}, got {value!r} "
+                            f"({type(value).__name__})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_TYPE_CHECKS: dict[Any, Any] = {
+    int: _is_int,
+    float: lambda v: _is_int(v) or isinstance(v, float),
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    tuple[int, ...]: lambda v: isinstance(v, list | tuple) and all(_is_int(x) for x in v),
+}
+_TYPE_NAMES: dict[Any, str] = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                               tuple[int, ...]: "a list of integers"}

@@ -19,11 +19,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from model.data.events import EventTable
 from model.features.inputs import InputArrays
 from model.models import build_model
+from model.progress import progress_bar
 from model.training.batches import prefetch, rows_of, to_tensors
 from model.training.checkpoint import resume_state, save_checkpoint
 from model.training.config import TrainConfig
@@ -154,8 +154,8 @@ def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None
 
     seen, positives, t_train = 0, 0.0, time.perf_counter()
     counts: dict[str, Any] = {"step": step, "seen": 0, "positives": 0.0}
-    bar = tqdm(total=len(data.train) * max(cfg.epochs - start_epoch, 0), unit="sample", unit_scale=True,
-               disable=not progress or not ctx.is_main, desc=f"train {cfg.arch}/{cfg.seq}")
+    bar = progress_bar(total=len(data.train) * max(cfg.epochs - start_epoch, 0), unit="sample",
+                       enabled=progress and ctx.is_main, desc=f"train {cfg.arch}/{cfg.seq}")
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         # Streamed shards differ in length across ranks: Join lets a rank that ran out shadow the

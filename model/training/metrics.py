@@ -104,3 +104,21 @@ def print_metrics_table(metrics: dict[str, object]) -> None:
         print(f"note: {note}")
     if isinstance(train, dict) and "samples_per_s" in train:
         print(f"training throughput: {train['samples_per_s']:,.0f} samples/s on {train['threads']} threads")
+
+
+def slices_table(metrics: dict[str, Any]) -> str:
+    """The per-activity and cold/warm-item slices of each part as one markdown table (n/a where undefined)."""
+    def cell(v: float | None) -> str:
+        return "  n/a " if v is None else f"{v:.4f}"
+
+    lines = ["| part  | slice                 | AUC    | GAUC   | logloss | samples |",
+             "|-------|-----------------------|--------|--------|---------|---------|"]
+    for part in ("valid", "test"):
+        m = metrics.get(part)
+        if not isinstance(m, dict):
+            continue
+        slices = [(f"activity {k} positives", v) for k, v in m.get("by_activity", {}).items()]
+        slices += [(f"{k} items", v) for k, v in m.get("by_item", {}).items()]
+        lines += [f"| {part:5} | {name:21} | {cell(s['auc'])} | {cell(s['gauc'])} | {cell(s['logloss'])}  | "
+                  f"{s['n']:>7,} |" for name, s in slices]
+    return "\n".join(lines)
