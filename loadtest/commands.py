@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from model.data import SOURCES
+from service.commands import setting_help
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -83,6 +84,31 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(out=Path(args.out), events=args.events, seed=args.seed)
 
 
+def _served_log_export(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from loadtest.served_log_export import export_training_log
+    from service.settings import Settings
+    from service.startup import open_store
+
+    if args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it or --out another file")
+    settings = Settings(**{name: getattr(args, name) for name in ("redis_url", "key_prefix", "served_log_stream")
+                           if getattr(args, name) is not None})
+
+    async def run() -> dict[str, int]:
+        store = open_store(settings)
+        try:
+            return await export_training_log(store, stream=settings.served_log_stream, out=args.out)
+        finally:
+            await store.redis.aclose()
+
+    counts = asyncio.run(run())
+    print(f"wrote {counts['rows']:,} rows ({counts['labelled']:,} labelled by a later click or skip) from "
+          f"{counts['calls']:,} served calls of {settings.served_log_stream} to {args.out}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add replay, loadtest, bench and demo to `polarity`."""
     p = sub.add_parser("replay", help="replay a log through the service: online vs offline AUC (skew check)")
@@ -139,3 +165,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--events", type=int, default=300_000, help="impressions in the synthetic log")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(handler=_demo)
+
+    p = sub.add_parser("served-log", help="the served-feature log (POLARITY_SERVED_LOG_SHARE of /v1/score calls)")
+    log_commands = p.add_subparsers(dest="served_log_command", required=True, metavar="ACTION")
+    p = log_commands.add_parser("export", help="join the served features with later click/skip events into a "
+                                               "Parquet training log (one row per served candidate)")
+    p.add_argument("--redis-url", default=None, help=setting_help("Redis holding the stream and the histories",
+                                                                   "redis_url"))
+    p.add_argument("--key-prefix", default=None, help=setting_help("the service's history key prefix", "key_prefix"))
+    p.add_argument("--served-log-stream", default=None, help=setting_help("the served-feature stream",
+                                                                           "served_log_stream"))
+    p.add_argument("--out", type=Path, required=True, help="Parquet file to write")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    p.set_defaults(handler=_served_log_export)

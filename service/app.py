@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any, cast
 
 from fastapi import FastAPI
 
@@ -22,11 +23,16 @@ from service.inference import InferenceBackend, inference_workers, onnx_backend_
 from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, ErrorBoundaryMiddleware, MetricsMiddleware
 from service.model_slot import ModelSlot
-from service.routers import events, health, metrics, model, score
+from service.openapi import polarity_openapi
+from service.request_context import RequestContextMiddleware, install_request_id_on_log_records
+from service.routers import events, health, metrics, model, open_inference, score
+from service.routers.api_docs import mount_api_docs
 from service.runtime import Runtime
 from service.scoring import MicroBatcher, Scorer
+from service.served_log import ServedLogScorer
 from service.settings import Settings
 from service.startup import freeze_startup_objects, open_store, start_metrics_server, unfreeze_objects
+from service.tracing import TRACER_NAME, StageSpans, tracer_provider_from_settings
 
 log = logging.getLogger("polarity.service")
 
@@ -39,10 +45,18 @@ def create_app(
     settings: Settings,
     *,
     backend_factory: Callable[[Manifest, Settings], InferenceBackend] | None = None,
+    tracer_provider: Any | None = None,
 ) -> FastAPI:
-    """A new app for `settings`; `backend_factory` replaces the ONNX Runtime backend (benchmarks)."""
+    """A new app for `settings`; `backend_factory` replaces the ONNX Runtime backend (benchmarks);
+    `tracer_provider` (an OpenTelemetry TracerProvider) replaces the one `settings.otel_exporter` makes (tests)."""
     factory = backend_factory or onnx_backend_factory
     service_metrics = ServiceMetrics()
+    own_provider = tracer_provider is None
+    provider = tracer_provider if tracer_provider is not None else tracer_provider_from_settings(settings)
+    tracer = None if provider is None else provider.get_tracer(TRACER_NAME)
+    if tracer is not None:  # every stage observation is also a span (service/tracing.py)
+        service_metrics.stage_duration = cast(Any, StageSpans(service_metrics.stage_duration, tracer))
+    install_request_id_on_log_records()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,8 +78,11 @@ def create_app(
                 batcher = MicroBatcher(max_wait_s=settings.microbatch_max_wait_us / 1e6,
                                        max_candidates=settings.microbatch_max_candidates, executor=executor,
                                        metrics=service_metrics)
-            scorer = Scorer(settings=settings, store=store, slot=slot, metrics=service_metrics, executor=executor,
-                            batcher=batcher)
+            scorer_parts: dict[str, Any] = dict(settings=settings, store=store, slot=slot, metrics=service_metrics,
+                                                executor=executor, batcher=batcher)
+            scorer = (ServedLogScorer(served_share=settings.served_log_share, stream=settings.served_log_stream,
+                                      maxlen=settings.served_log_maxlen, **scorer_parts)
+                      if settings.served_log_share > 0 else Scorer(**scorer_parts))
             writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity),
                                  metrics=service_metrics)
             if settings.metrics_port is not None:
@@ -82,7 +99,12 @@ def create_app(
                      "reachable" if await store.ping() else "UNREACHABLE (scoring degrades until it answers)")
             yield
         finally:
+            runtime = app.state.runtime
+            if runtime is not None and isinstance(runtime.scorer, ServedLogScorer):
+                await runtime.scorer.drain()
             app.state.runtime = None
+            if provider is not None and own_provider:
+                provider.shutdown()
             if metrics_server is not None:
                 metrics_server.shutdown()
             executor.shutdown(wait=True)
@@ -90,12 +112,14 @@ def create_app(
             if frozen:
                 unfreeze_objects()
 
-    app = FastAPI(title="Polarity scoring service", version="1", description=API_DESCRIPTION, lifespan=lifespan)
+    # /docs is served from this process (service/routers/api_docs.py), not from FastAPI's CDN page.
+    app = FastAPI(title="Polarity scoring service", version="1", description=API_DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = service_metrics
     app.state.runtime = None
     install_error_handlers(app)
-    routers = [score.router, events.router, health.router, model.router]
+    routers = [score.router, events.router, health.router, model.router, open_inference.router]
     if settings.metrics_port is None:
         routers.append(metrics.router)
     for router in routers:
@@ -106,4 +130,8 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ErrorBoundaryMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_paths=known)
+    # Outermost: the request id and the access line cover every answer, the 413s and 500s included.
+    app.add_middleware(RequestContextMiddleware, access_log_on=settings.access_log, tracer=tracer)
+    mount_api_docs(app)
+    app.openapi = lambda: polarity_openapi(app, routers)  # type: ignore[method-assign]
     return app

@@ -19,7 +19,7 @@ def _settings(args: argparse.Namespace, names: Sequence[str]) -> Settings:
     return Settings(**given)
 
 
-def _setting_help(text: str, name: str, *, default: str | None = None) -> str:
+def setting_help(text: str, name: str, *, default: str | None = None) -> str:
     """Help for a flag that overrides setting `name`: its env var and the default the setting has."""
     from service.settings import Settings
 
@@ -36,9 +36,10 @@ def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.errors import StartupError
     from service.inference import choose_providers
+    from service.request_context import configure_service_logging
 
     settings = _settings(args, ("bundle", "redis_url", "host", "port", "device", "model_dir", "metrics_port",
-                                "inference_threads"))
+                                "inference_threads", "log_format"))
     if settings.bundle is None:
         raise ValueError("no model bundle: pass --bundle DIR or set POLARITY_BUNDLE")
     try:
@@ -46,8 +47,11 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         raise ValueError(str(exc)) from None
     load_manifest(settings.bundle)  # BundleError (a ValueError) names the file and the problem
+    configure_service_logging(settings)  # text or JSON lines, each with its request id
+    # log_config=None: uvicorn's own loggers propagate to that handler instead of getting uvicorn's; the access
+    # line is the service's (service/request_context.py), with the request id.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, lifespan="on")
+                access_log=False, lifespan="on", log_config=None)
     return 0
 
 
@@ -70,34 +74,36 @@ def _ingest(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add serve and ingest to `polarity`."""
     p = sub.add_parser("serve", help="run the scoring service (HTTP; each flag also POLARITY_<NAME>)")
-    p.add_argument("--bundle", type=Path, default=None, help=_setting_help("exported bundle directory", "bundle"))
-    p.add_argument("--redis-url", default=None, help=_setting_help("history store", "redis_url"))
-    p.add_argument("--host", default=None, help=_setting_help("bind address", "host"))
-    p.add_argument("--port", type=int, default=None, help=_setting_help("HTTP port", "port"))
+    p.add_argument("--bundle", type=Path, default=None, help=setting_help("exported bundle directory", "bundle"))
+    p.add_argument("--redis-url", default=None, help=setting_help("history store", "redis_url"))
+    p.add_argument("--host", default=None, help=setting_help("bind address", "host"))
+    p.add_argument("--port", type=int, default=None, help=setting_help("HTTP port", "port"))
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                   help=_setting_help("auto: CUDA when available else CPU; cuda: fail unless CUDA runs the "
+                   help=setting_help("auto: CUDA when available else CPU; cuda: fail unless CUDA runs the "
                                       "model", "device"))
     p.add_argument("--model-dir", type=Path, default=None,
-                   help=_setting_help("bundles for /v1/admin/reload must lie under it", "model_dir",
+                   help=setting_help("bundles for /v1/admin/reload must lie under it", "model_dir",
                                       default="the bundle's parent"))
     p.add_argument("--metrics-port", type=int, default=None,
-                   help=_setting_help("serve /metrics on this port instead", "metrics_port",
+                   help=setting_help("serve /metrics on this port instead", "metrics_port",
                                       default="none: on the API port"))
     p.add_argument("--inference-threads", type=int, default=None,
-                   help=_setting_help("ONNX Runtime intra-op threads (0 = cores / workers)",
+                   help=setting_help("ONNX Runtime intra-op threads (0 = cores / workers)",
                                       "inference_threads"))
+    p.add_argument("--log-format", default=None, choices=("text", "json"),
+                   help=setting_help("log lines, each with its request id", "log_format"))
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("ingest", help="apply events from a Redis stream (consumer group) to the histories")
     p.add_argument("--redis-url", default=None,
-                   help=_setting_help("Redis holding the stream and the histories", "redis_url"))
+                   help=setting_help("Redis holding the stream and the histories", "redis_url"))
     p.add_argument("--stream", required=True, help="Redis stream to read, e.g. polarity:events")
     p.add_argument("--group", required=True, help="consumer group (created when missing)")
     p.add_argument("--consumer", default=None, help="consumer name (default: host-pid)")
     p.add_argument("--metrics-port", type=int, default=None,
-                   help=_setting_help("expose Prometheus metrics on this port", "metrics_port",
+                   help=setting_help("expose Prometheus metrics on this port", "metrics_port",
                                       default="none: no metrics"))
-    p.add_argument("--host", default=None, help=_setting_help("bind address of the metrics port", "host"))
+    p.add_argument("--host", default=None, help=setting_help("bind address of the metrics port", "host"))
     # 500: a stream drained ~10% faster than with 256 (1000: no faster again).
     p.add_argument("--batch-size", type=int, default=500, help="entries per XREADGROUP")
     p.add_argument("--block-ms", type=int, default=1000, help="XREADGROUP BLOCK")

@@ -74,6 +74,13 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class ModelNotFound(ServiceError):
+    """A V2 model route named a model this service does not serve."""
+
+    status = 404
+    code = "model_not_found"
+
+
 class BundleRejected(ServiceError):
     """A bundle the service refuses to load (bad sha256, wrong feature spec, cannot be opened)."""
 

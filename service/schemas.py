@@ -117,3 +117,30 @@ class ErrorResponse(BaseModel):
     error: str
     message: str
     fields: list[ErrorField] | None = None
+
+
+class BatchScoreRequest(_Strict):
+    requests: list[ScoreRequest] = Field(
+        min_length=1, description="one /v1/score body per user, each with its own candidates; all of them are scored "
+        "in one model call (the total of candidates counts against max_candidates)",
+    )
+
+
+class BatchScoreResponse(BaseModel):
+    results: list[ScoreResponse] = Field(description="one /v1/score answer per request, in request order")
+
+
+class ModelTensor(BaseModel):
+    name: str
+    datatype: str = Field(description="Open Inference Protocol type: INT64, FP32, BOOL")
+    shape: list[int] = Field(description="-1 for a dimension that varies per request (users U, candidates N)")
+
+
+class ModelMetadata(BaseModel):
+    """KServe / Triton V2 (Open Inference Protocol) model metadata."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[ModelTensor]
+    outputs: list[ModelTensor]

@@ -23,6 +23,7 @@ from service.errors import TooManyCandidates
 from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable, UserHistory
 from service.metrics import ServiceMetrics
 from service.model_slot import LoadedModel, ModelSlot
+from service.request_context import user_digest
 from service.schemas import Explanation, HistoryCounts, HistoryToken, ScoreRequest, ScoreResponse
 from service.settings import Settings
 
@@ -68,6 +69,7 @@ class Scorer:
         if reason is not None:
             self.metrics.redis_errors.labels(operation="read").inc()
             self.metrics.degraded.labels(reason=reason).inc()
+            log.warning("degraded answer: user %s scored without history (%s)", user_digest(user_id), reason)
             return UserHistory.empty(), reason
         return history, None
 
@@ -77,6 +79,11 @@ class Scorer:
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self.executor, model.backend.run, inputs.as_dict())
         return Scored(probs=out["probs"], attention=out.get("attention"))
+
+    def after_inference(self, req: ScoreRequest, *, model: LoadedModel, cutoff: float, seqs: SequenceBatch,
+                        inputs: InputArrays, scored: Scored, degraded: str | None) -> None:
+        """Called once per /v1/score answer with what the model saw and said (the served-feature log's hook,
+        `service.served_log.ServedLogScorer`); must not block."""
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         """The answer as a model (the route sends `score_json` bytes directly)."""
@@ -106,6 +113,7 @@ class Scorer:
         scored = await self.infer(model, inputs)
         t2 = time.perf_counter()
         self.metrics.stage_duration.labels(stage="inference").observe(t2 - t1)
+        self.after_inference(req, model=model, cutoff=cutoff, seqs=seqs, inputs=inputs, scored=scored, degraded=reason)
 
         n_pos, n_neg = int(seqs.n_positive[0]), int(seqs.n_negative[0])  # the builder's counts before the cutoff
         self.metrics.history_length.labels(polarity="positive").observe(n_pos)

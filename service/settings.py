@@ -85,6 +85,21 @@ class Settings(BaseSettings):
     microbatch_max_wait_us: int = Field(default=0, ge=0, le=1_000_000)
     microbatch_max_candidates: int = Field(default=4096, ge=1)
 
+    # --- seeing inside a request: request ids, logs, tracing, the served-feature log (service/request_context.py,
+    # service/tracing.py, service/served_log.py)
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one JSON object per log line")
+    access_log: bool = Field(default=True, description="one log line per request: route, status, duration, request id")
+    otel_exporter: Literal["none", "otlp", "console"] = Field(
+        default="none", description="OpenTelemetry traces (needs polarity[tracing]): none = off; otlp = the "
+        "OTEL_EXPORTER_OTLP_* environment variables; console = stdout",
+    )
+    served_log_share: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of /v1/score calls whose exact model inputs, candidates "
+        "and scores are appended to the served-feature stream (0 = off)",
+    )
+    served_log_stream: str = Field(default="polarity:served", min_length=1, description="served-feature stream")
+    served_log_maxlen: int = Field(default=100_000, ge=1, description="approximate MAXLEN of that stream")
+
     @field_validator("event_polarity")
     @classmethod
     def _check_polarity(cls, value: dict[str, int]) -> dict[str, int]:

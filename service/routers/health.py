@@ -19,11 +19,10 @@ async def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: Redis PING, model loaded, provider and kernel in details")
-async def readyz(request: Request) -> JSONResponse:
-    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+async def readiness(runtime: Runtime | None) -> tuple[bool, dict[str, Any]]:
+    """(ready, details): Redis answers PING within its timeout and a model is loaded (also the V2 routes')."""
     if runtime is None:
-        return JSONResponse({"status": "not_ready", "details": {"reason": "starting or stopping"}}, status_code=503)
+        return False, {"reason": "starting or stopping"}
     timeout = max(runtime.settings.redis_timeout_ms / 1000.0, 0.05)
     try:
         redis_ok = await asyncio.wait_for(runtime.store.ping(), timeout=timeout)
@@ -38,6 +37,15 @@ async def readyz(request: Request) -> JSONResponse:
         details["requested_device"] = runtime.settings.device
         details["kernel"] = {**kernel_status(), "in_use": backend.kernel,
                              "registered": bool(getattr(backend, "kernel_registered", False))}
-    ready = redis_ok and runtime.slot.loaded
+    return bool(redis_ok and runtime.slot.loaded), details
+
+
+@router.get("/readyz", summary="Readiness: Redis PING, model loaded, provider and kernel in details",
+            responses={503: {"description": "not ready: Redis does not answer, no model is loaded, or the service is "
+                                            "starting or stopping (details say which)",
+                             "content": {"application/json": {"example": {
+                                 "status": "not_ready", "details": {"redis": "unavailable", "model_loaded": True}}}}}})
+async def readyz(request: Request) -> JSONResponse:
+    ready, details = await readiness(getattr(request.app.state, "runtime", None))
     return JSONResponse({"status": "ready" if ready else "not_ready", "details": details},
                         status_code=200 if ready else 503)

@@ -58,7 +58,7 @@ def test_live_server_with_metrics_port(tiny_bundle: Any, redis_url: str) -> None
            "POLARITY_KEY_PREFIX": f"live-{port}", "POLARITY_INFERENCE_THREADS": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "model.cli", "serve", "--bundle", str(tiny_bundle.bundle), "--redis-url", redis_url,
-         "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu"],
+         "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", "--log-format", "json"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -76,7 +76,7 @@ def test_live_server_with_metrics_port(tiny_bundle: Any, redis_url: str) -> None
         ev = {"events": [{"user_id": "live", "item_id": "247", "timestamp": 1.7e9, "event": "skip"}]}
         assert httpx.post(f"{base}/v1/events", json=ev).json()["accepted"] == 1
         body = {"user_id": "live", "candidates": [{"item_id": "247"}, {"item_id": "258"}]}
-        scored = httpx.post(f"{base}/v1/score", json=body).json()
+        scored = httpx.post(f"{base}/v1/score", json=body, headers={"X-Request-ID": "cli-json-1"}).json()
         assert scored["history"] == {"positives": 0, "negatives": 1} and len(scored["scores"]) == 2
         assert httpx.get(f"{base}/metrics").status_code == 404  # only on the metrics port
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
@@ -94,3 +94,10 @@ def test_live_server_with_metrics_port(tiny_bundle: Any, redis_url: str) -> None
         r.close()
     assert server.returncode in (0, -15), out[-2000:]  # uvicorn re-raises SIGTERM after a clean shutdown
     assert "Application shutdown complete" in out
+    # --log-format json: every line is one JSON object; the request's access line carries its id.
+    import json
+
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message", "request_id"} <= set(x) for x in lines)
+    access = [x for x in lines if x["logger"] == "polarity.access" and x["request_id"] == "cli-json-1"]
+    assert len(access) == 1 and access[0]["route"] == "/v1/score" and access[0]["status"] == 200

@@ -24,8 +24,8 @@ from loadtest.replay import delete_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 # The repository paths the serving images copy into their build (`COPY <paths> src/...`).
-IMAGE_FILES = ("pyproject.toml", "README.md", "model/__init__.py", "model/cli.py", "model/features", "export",
-               "service")
+IMAGE_FILES = ("pyproject.toml", "README.md", "model/__init__.py", "model/cli.py", "model/progress.py",
+               "model/features", "export", "service")
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
