@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -73,3 +74,18 @@ def test_update_section_rewrites_the_contents_list(tmp_path: Path) -> None:
     assert "| [First: `x` ≥ 2×](#first-x--2-1) | 2026-02-03 04:05 UTC | current |" in text  # GitHub's -1 suffix
     assert re.search(r"\| \[Old notes\]\(#old-notes\) \| see the section \| superseded: ", text)
     assert text.index("bench:contents") < text.index("bench:a -->")
+
+
+def test_the_readme_has_a_curl_example_for_every_route(tiny_bundle: Any) -> None:
+    from service.app import create_app
+    from service.settings import Settings
+
+    doc = create_app(Settings(bundle=tiny_bundle.bundle)).openapi()
+    text = (ROOT / "README.md").read_text()
+    curls = " ".join(line for line in text.splitlines() if "curl " in line)
+    for path, item in doc["paths"].items():
+        concrete = re.sub(r"\{[^}]+\}", "demo", path)
+        assert re.search(rf"\$API{re.escape(concrete)}(?=[\s'\"]|$)", curls), f"README: no curl for {path}"
+        for method in item:
+            if method != "get":
+                assert f"-X {method.upper()} $API{concrete} " in curls, f"README: no curl -X {method.upper()} {path}"
