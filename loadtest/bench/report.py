@@ -34,6 +34,14 @@ def update_section(path: Path, name: str, body: str) -> None:
     path.write_text(text)
 
 
+def refresh_contents(path: Path | str) -> None:
+    """Rewrite the contents list of the markdown file at `path` from its sections (after a hand edit or a merge):
+    python -c "from loadtest.bench.report import refresh_contents; refresh_contents('BENCHMARKS.md')"."""
+    path = Path(path)
+    text = path.read_text()
+    path.write_text(_replace_section(text, CONTENTS, contents_list(text)))
+
+
 CONTENTS = "contents"
 # Sections that a later measurement replaced but that are kept, because a note cites them: the contents list
 # says so next to them (their own text stays as it was measured).

@@ -60,7 +60,9 @@ def test_benchmarks_opens_with_headline_numbers_and_an_up_to_date_contents_list(
         assert cells[2].split(" ")[0] in ("met", "missed"), row
         assert cells[4].startswith("`") and re.match(r"\d{4}-\d{2}-\d{2}", cells[6]), row
     contents = text.split("<!-- bench:contents -->\n", 1)[1].split("\n<!-- /bench:contents -->", 1)[0]
-    assert contents == contents_list(text), "BENCHMARKS.md's contents list is stale: rerun contents_list"
+    assert contents == contents_list(text), (
+        "BENCHMARKS.md's contents list is stale (a section was edited by hand or merged): run\n"
+        "python -c \"from loadtest.bench.report import refresh_contents; refresh_contents('BENCHMARKS.md')\"")
 
 
 def test_update_section_rewrites_the_contents_list(tmp_path: Path) -> None:
