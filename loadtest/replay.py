@@ -479,8 +479,9 @@ def replay_in_process(cfg: ReplayConfig, *, redis_url: str, key_prefix: str | No
     from service.settings import Settings
 
     prefix = key_prefix or f"replay-{uuid.uuid4().hex[:10]}"
-    # A replay wants every answer scored with its history: give Redis time rather than degrade.
-    settings = {"score_redis_budget_ms": 5000, "redis_timeout_ms": 5000, **settings}
+    # A replay wants every answer scored with its history: give Redis time rather than degrade. Its thousands of
+    # requests would each write an access line into the replay's own output: off unless asked.
+    settings = {"score_redis_budget_ms": 5000, "redis_timeout_ms": 5000, "access_log": False, **settings}
     app = create_app(Settings(bundle=cfg.bundle, redis_url=redis_url, key_prefix=prefix, **settings))
     try:
         with serve_in_thread(app) as url:

@@ -149,7 +149,7 @@ class RequestContextMiddleware:
                     span.set_attribute("http.route", route)
                     span.set_attribute("http.response.status_code", status)
         finally:
-            if self.access_log_on:
+            if self.access_log_on and access_log.isEnabledFor(logging.INFO):
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
                 duration_ms = round((time.perf_counter() - t0) * 1000.0, 3)
                 access_log.info("%s %s %d %.1f ms", scope.get("method", ""), route, status, duration_ms,
