@@ -17,15 +17,14 @@ Mapping (identical to offline):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import chain
 
 import numpy as np
 
-from model.features.events import normalise_event_name
+from model.features.packed_strings import PackedStrings
 from model.features.sequence import HistoryTable, PolarityStreams, SequenceBatch, build_sequences
 from model.features.spec import SequenceSpec
 from model.features.vocab import Vocabulary
-from service.history_store import RawHistory, UserHistory
+from service.history_columns import UserHistory
 
 
 def assemble_sequences(
@@ -42,46 +41,31 @@ def assemble_sequences(
     cut = np.asarray(cutoff, dtype=np.float64).reshape(-1)
     if cut.shape[0] != len(histories):
         raise ValueError(f"{len(histories)} histories but {cut.shape[0]} cutoffs")
-    table = HistoryTable(
-        positives=_streams([h.positives for h in histories], 1, vocab),
-        negatives=_streams([h.negatives for h in histories], -1, vocab),
-    )
+    n_users = len(histories)
+    raws = [h.positives for h in histories] + [h.negatives for h in histories]
+    lengths = np.fromiter(map(len, raws), dtype=np.int64, count=2 * n_users)
+    n_pos = int(lengths[:n_users].sum())
+    if int(lengths.sum()) == 0:
+        table = HistoryTable(positives=PolarityStreams.empty(n_users), negatives=PolarityStreams.empty(n_users))
+    else:
+        # Every event of both polarities looked up at once (the columns stay numpy: ids as byte ranges, event
+        # names through their few distinct values), then split back by polarity.
+        parts = [r for r in raws if len(r)]
+        item = vocab.item_index_packed(PackedStrings.concat([r.item for r in parts]))
+        category = vocab.category_index_packed(PackedStrings.concat([r.category for r in parts]))
+        sign = np.ones(int(lengths.sum()), dtype=np.int64)
+        sign[n_pos:] = -1
+        event = vocab.event_index_packed(PackedStrings.concat([r.event for r in parts]), sign)
+        timestamp = np.concatenate([r.timestamps for r in parts])
+        seq = np.concatenate([r.seqs for r in parts])
+        users = np.arange(n_users, dtype=np.int64)
+        user = np.concatenate([users, users]).repeat(lengths)
+        # Each history comes sorted by (timestamp, seq) from the store (`RawHistory`'s contract), and the users
+        # are concatenated in order: each polarity's streams are user-sorted as they are.
+        table = HistoryTable(**{name: PolarityStreams.from_user_sorted(
+            n_users=n_users, user=user[rows], item=item[rows], category=category[rows], event=event[rows],
+            timestamp=timestamp[rows], seq=seq[rows]) for name, rows in (("positives", slice(0, n_pos)),
+                                                                           ("negatives", slice(n_pos, None)))})
     return build_sequences(
-        table, user=np.arange(len(histories), dtype=np.int64), cutoff=cut, spec=spec, n_items=vocab.n_items
+        table, user=np.arange(n_users, dtype=np.int64), cutoff=cut, spec=spec, n_items=vocab.n_items
     )
-
-
-def _streams(raws: Sequence[RawHistory], sign: int, vocab: Vocabulary) -> PolarityStreams:
-    """U users' events of one polarity as CSR streams sorted by (user, timestamp, seq)."""
-    n_users = len(raws)
-    lengths = np.fromiter((len(r.item_ids) for r in raws), dtype=np.int64, count=n_users)
-    total = int(lengths.sum())
-    if total == 0:
-        return PolarityStreams.empty(n_users)
-    user = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
-    for r in raws:
-        n = len(r.item_ids)
-        if not (len(r.categories) == len(r.events) == r.timestamps.shape[0] == r.seqs.shape[0] == n):
-            raise ValueError("RawHistory columns must all have the same length")
-    timestamp = np.concatenate([np.asarray(r.timestamps, dtype=np.float64) for r in raws])
-    seq = np.concatenate([np.asarray(r.seqs, dtype=np.int64) for r in raws])
-    item = vocab.item_index(chain.from_iterable(r.item_ids for r in raws))
-    category = vocab.category_index(chain.from_iterable(r.categories for r in raws))
-    event = _event_index([e for r in raws for e in r.events], sign, vocab)
-    # Each history comes sorted by (timestamp, seq) from the store (`RawHistory`'s contract), and the users
-    # are concatenated in order: the streams are user-sorted as they are.
-    return PolarityStreams.from_user_sorted(
-        n_users=n_users, user=user, item=item, category=category, event=event, timestamp=timestamp, seq=seq,
-    )
-
-
-def _event_index(events: list[str], sign: int, vocab: Vocabulary) -> np.ndarray:
-    """(E,) event-type indices of raw event names of one polarity.
-
-    A history holds a handful of distinct names: each is normalised and looked up once, and the
-    events take their name's index (elementwise the same as looking every event up)."""
-    distinct = list(dict.fromkeys(events))
-    position = {name: k for k, name in enumerate(distinct)}
-    per_name = vocab.event_index([normalise_event_name(e) for e in distinct], np.full(len(distinct), sign))
-    out: np.ndarray = per_name[np.fromiter(map(position.__getitem__, events), dtype=np.int64, count=len(events))]
-    return out

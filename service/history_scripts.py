@@ -112,9 +112,15 @@ end
 return out
 """
 
-# KEYS: pos, neg. Scores come back as the exact text Redis formats them in (%.17g), not as Lua
-# numbers, so timestamps round-trip bit for bit.
+# KEYS: pos, neg. Returns {n, text}: n the number of positive events, text the ZRANGE WITHSCORES elements of
+# both histories (positives first) joined by newlines: member, score, member, score, ... So the client reads one
+# byte string instead of 4n, and decodes it with numpy (`service.history_columns.decode_user_history`). Members
+# never hold a raw newline (compact JSON payloads); the scores are the exact text Redis formats them in (%.17g),
+# so timestamps round-trip bit for bit. table.concat is one C call; the append loop is the only per-event Lua.
 READ_SCRIPT = """
-return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
-        redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')}
+local pos = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local neg = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local n = #pos
+for i = 1, #neg do pos[n + i] = neg[i] end
+return {n / 2, table.concat(pos, '\\n')}
 """

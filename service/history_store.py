@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string  # C when available
 from typing import Any
 
-import numpy as np
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
@@ -56,6 +54,8 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from service.history_columns import DamagedHistory, UserHistory, decode_user_history
+from service.history_columns import RawHistory as RawHistory  # re-exported: the read type callers import from here
 from service.history_scripts import APPEND_SCRIPT, READ_SCRIPT
 
 ACCEPTED = "accepted"
@@ -82,37 +82,6 @@ class HistoryEvent:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RawHistory:
-    """One polarity of one user's history, oldest to newest by (timestamp, seq)."""
-
-    item_ids: list[str]
-    categories: list[str | None]
-    events: list[str]
-    timestamps: np.ndarray  # (n,) float64
-    seqs: np.ndarray  # (n,) int64 per-user arrival counter (breaks timestamp ties)
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    @staticmethod
-    def empty() -> RawHistory:
-        return RawHistory(
-            item_ids=[], categories=[], events=[], timestamps=np.zeros(0, dtype=np.float64),
-            seqs=np.zeros(0, dtype=np.int64),
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class UserHistory:
-    positives: RawHistory
-    negatives: RawHistory
-
-    @staticmethod
-    def empty() -> UserHistory:
-        return UserHistory(positives=RawHistory.empty(), negatives=RawHistory.empty())
-
-
-@dataclass(frozen=True, kw_only=True)
 class PreparedAppend:
     """A validated write, ready to send (`HistoryStore.prepare_append`)."""
 
@@ -123,6 +92,11 @@ class PreparedAppend:
 
 class HistoryStoreError(Exception):
     """Redis answered with an error the store cannot handle."""
+
+
+class UnreadableHistory(HistoryStoreError, ValueError):
+    """A stored history the reader cannot decode (not what this store writes): the read fails, the score
+    request that wanted it degrades (a ValueError too, as it always was)."""
 
 
 class HistoryStoreUnavailable(HistoryStoreError):
@@ -294,17 +268,23 @@ class HistoryStore:
         return (await self.read_many([user_id]))[0]
 
     async def read_many(self, user_ids: Sequence[str]) -> list[UserHistory]:
-        """Both histories of each user (in order), in one round trip; each user read atomically."""
+        """Both histories of each user (in order), in one round trip; each user read atomically.
+
+        A user's two histories come back as one byte string, decoded by numpy (`service.history_columns`)."""
         if not user_ids:
             return []
         calls: list[tuple[list[str], list[str]]] = []
         for user_id in user_ids:
-            k = self.keys(user_id)
-            calls.append(([k["pos"], k["neg"]], []))
-        replies = await self._eval_many(self._read_script.sha, READ_SCRIPT, calls)
-        return [
-            UserHistory(positives=_decode(reply[0]), negatives=_decode(reply[1])) for reply in replies
-        ]
+            base = self._user_base(_checked_user(user_id))
+            calls.append(([base + ":pos", base + ":neg"], []))
+        if len(calls) == 1:  # the score path: one EVALSHA, without a pipeline's bookkeeping
+            replies = [await self._eval_one(self._read_script.sha, READ_SCRIPT, calls[0])]
+        else:
+            replies = await self._eval_many(self._read_script.sha, READ_SCRIPT, calls)
+        try:
+            return [decode_user_history(int(reply[0]), _bytes(reply[1])) for reply in replies]
+        except DamagedHistory as exc:
+            raise UnreadableHistory(f"unreadable history: {exc}") from exc
 
     async def count(self, user_id: str) -> tuple[int, int]:
         """(#positives, #negatives) stored for the user."""
@@ -331,6 +311,18 @@ class HistoryStore:
             return False
 
     # ------------------------------------------------------------------------------- internals
+
+    async def _eval_one(self, sha: str, script: str, call: tuple[list[str], list[str]]) -> Any:
+        """One EVALSHA, loading the script on NOSCRIPT (a script that failed with NOSCRIPT did not run)."""
+        keys, args = call
+        with _redis_errors():
+            try:
+                return await self.redis.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                loaded = await self.redis.script_load(script)
+                if _text(loaded) != sha:
+                    raise HistoryStoreError(f"SCRIPT LOAD returned {loaded!r}, expected {sha}") from None
+                return await self.redis.evalsha(sha, len(keys), *keys, *args)
 
     async def _eval_many(self, sha: str, script: str, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
         """EVALSHA once per call, pipelined (one round trip); loads the script on NOSCRIPT.
@@ -377,6 +369,11 @@ def _check_user(user_id: object) -> None:
         raise ValueError(f"user_id must be a non-empty string, got {user_id!r}")
 
 
+def _checked_user(user_id: str) -> str:
+    _check_user(user_id)
+    return user_id
+
+
 def _validate(ev: HistoryEvent) -> None:
     # The usual event, in one expression (this runs twice per event written); anything else,
     # valid or not, takes the checks below, which also say what is wrong.
@@ -416,49 +413,5 @@ def _text(value: str | bytes) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def _decode(flat: Sequence[Any]) -> RawHistory:
-    """[member, score, member, score, ...] (ZRANGE WITHSCORES order) -> RawHistory.
-
-    This runs on the event loop for every score request: the payloads are parsed as one JSON array
-    (one json.loads per history, not one per event) and seqs and scores are converted in C loops."""
-    members, scores = flat[0::2], flat[1::2]
-    n = len(scores)
-    if n == 0:
-        return RawHistory.empty()
-    colon = b":" if isinstance(members[0], bytes) else ":"
-    # Split at the first ':' through plain ints and slices, not partition() tuples: n live tuples
-    # would count towards the GC's young generation and trigger extra collections.
-    cuts = [m.find(colon) for m in members]
-    seqs = np.fromiter(map(int, [m[:k] for m, k in zip(members, cuts, strict=True)]), dtype=np.int64, count=n)
-    timestamps = np.fromiter(map(float, scores), dtype=np.float64, count=n)
-    rows = _payload_rows([m[k + 1 :] for m, k in zip(members, cuts, strict=True)])
-    if any(type(row) is not list or len(row) != 3 for row in rows):
-        raise ValueError("a history member's payload is not [item_id, event, category]")
-    item_ids, events, categories = (list(column) for column in zip(*rows, strict=True))
-    return RawHistory(
-        item_ids=item_ids, categories=categories, events=events, timestamps=timestamps, seqs=seqs
-    )
-
-
-def _payload_rows(payloads: list[Any]) -> list[Any]:
-    """The members' JSON payloads (all bytes or all str), parsed: one value per payload.
-
-    The store writes every payload as one JSON array, so they are parsed together as the elements
-    of one array. Unless each payload is bracketed and the count comes out right (a damaged
-    member), they are parsed one by one instead, failing (or not) exactly as the member does alone."""
-    opening: bytes | str
-    closing: bytes | str
-    joined: bytes | str
-    if isinstance(payloads[0], bytes):
-        opening, closing, joined = b"[", b"]", b"[" + b",".join(payloads) + b"]"
-    else:
-        opening, closing, joined = "[", "]", "[" + ",".join(payloads) + "]"
-    rows = None
-    if all(p[:1] == opening and p[-1:] == closing for p in payloads):
-        try:
-            rows = json.loads(joined)
-        except ValueError:
-            rows = None
-    if not isinstance(rows, list) or len(rows) != len(payloads):
-        rows = [json.loads(p) for p in payloads]
-    return rows
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode("utf-8") if isinstance(value, str) else value

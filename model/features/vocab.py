@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.features.events import GENERIC_EVENT
+from model.features.events import GENERIC_EVENT, normalise_event_name
+from model.features.packed_strings import PackedStrings, StringIndex
 from model.features.spec import FIRST_ID_INDEX, OOV_INDEX, FeatureSpec, SequenceSpec
 
 VOCAB_FILES = ("items.json", "categories.json", "item_category.json", "event_types.json")
@@ -55,6 +57,44 @@ class Vocabulary:
         # None is never a key (keys are strings), so it maps to OOV like an unseen category.
         lookup = self._category_index.get
         return np.fromiter(map(lookup, raw, repeat(OOV_INDEX)), dtype=np.int64)  # type: ignore[arg-type]
+
+    def item_index_packed(self, raw: PackedStrings) -> np.ndarray:
+        """`item_index` of packed strings (the service's history read), in numpy: no `str` per id."""
+        return self._packed_items.lookup(raw, missing=OOV_INDEX)
+
+    def category_index_packed(self, raw: PackedStrings) -> np.ndarray:
+        """`category_index` of packed strings (a missing one is OOV, like None)."""
+        return self._packed_categories.lookup(raw, missing=OOV_INDEX)
+
+    def event_index_packed(self, raw: PackedStrings, polarity: np.ndarray) -> np.ndarray:
+        """`event_index` of the normalised raw names (`normalise_event_name`), in numpy: a name already in its
+        normal form (the service's writer stores them so) is found directly; any other is normalised once per
+        distinct name."""
+        found = self._packed_events.lookup(raw, missing=-1)
+        missed = np.flatnonzero(found < 0)
+        if missed.size:
+            others = raw.take(missed)
+            _, first, inverse = np.unique(others.fixed_width(terminated=True), return_index=True, return_inverse=True)
+            names = [normalise_event_name(name or "") for name in others.take(first).tolist()]
+            signs = np.asarray(polarity)[missed]
+            per_sign = {sign: self.event_index(names, np.full(len(names), sign)) for sign in (1, -1)}
+            inverse = inverse.reshape(-1)
+            found[missed] = np.where(signs > 0, per_sign[1][inverse], per_sign[-1][inverse])
+        return found
+
+    @cached_property
+    def _packed_events(self) -> StringIndex:
+        """The event types whose name is its own normal form (a raw name equal to one needs no normalising)."""
+        normal = [name if normalise_event_name(name) == name else None for name in self.event_types]
+        return StringIndex(normal, first=0)
+
+    @cached_property
+    def _packed_items(self) -> StringIndex:
+        return StringIndex(self.items, first=FIRST_ID_INDEX)
+
+    @cached_property
+    def _packed_categories(self) -> StringIndex:
+        return StringIndex(self.categories, first=FIRST_ID_INDEX)
 
     def event_index(self, names: Sequence[str], polarity: Sequence[int] | np.ndarray) -> np.ndarray:
         """Event-type indices; a type the model never saw falls back to the generic one."""

@@ -181,12 +181,12 @@ def test_assembly_maps_unseen_and_missing_like_offline() -> None:
     ]
     table = table_from_arrow(arrow_log(rows), path=Path("<case>"))
     vocab = build_vocabulary(table, np.array([0, 1]))
-    from service.history_store import RawHistory
+    from service.history_columns import RawHistory
 
     def raw(rs: list[Row], seqs: list[int]) -> RawHistory:
-        return RawHistory(item_ids=[r.item for r in rs], categories=[r.category for r in rs],
-                          events=[r.event or "" for r in rs], timestamps=np.array([r.ts for r in rs]),
-                          seqs=np.array(seqs))
+        return RawHistory.of(item_ids=[r.item for r in rs], categories=[r.category for r in rs],
+                             events=[r.event or "" for r in rs], timestamps=np.array([r.ts for r in rs]),
+                             seqs=np.array(seqs))
 
     hist = UserHistory(positives=raw([rows[0], rows[3]], [1, 4]), negatives=raw([rows[1], rows[2]], [2, 3]))
     spec = SequenceSpec(seq_len=6, pos_ratio=0.5)

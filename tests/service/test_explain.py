@@ -9,7 +9,7 @@ import pytest
 from service_harness import SettingsFactory, serving
 
 from service.assembly import assemble_sequences
-from service.history_store import RawHistory, UserHistory
+from service.history_columns import RawHistory, UserHistory
 from service.inference import onnx_backend_factory
 from service.model_slot import load_model
 from service.scoring import RECENCY_NOTE, explain
@@ -17,8 +17,8 @@ from service.settings import Settings
 
 
 def raw(items: list[str], stamps: list[float], event: str) -> RawHistory:
-    return RawHistory(item_ids=items, categories=[None] * len(items), events=[event] * len(items),
-                      timestamps=np.asarray(stamps, dtype=np.float64), seqs=np.arange(1, len(items) + 1))
+    return RawHistory.of(item_ids=items, categories=[None] * len(items), events=[event] * len(items),
+                         timestamps=np.asarray(stamps, dtype=np.float64), seqs=np.arange(1, len(items) + 1))
 
 
 def test_attention_shares_and_top_tokens(tiny_bundle: Any) -> None:
