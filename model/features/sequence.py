@@ -126,6 +126,10 @@ def build_sequences(
         raise ValueError("user and cutoff must be 1-D arrays of the same length")
     if np.isnan(cutoff).any():
         raise ValueError("cutoff contains NaN")
+    if user.shape[0] == 1 and table.n_users == 1 and spec.mode in _ONE_QUERY_MODES:
+        one = _one_query(table, float(cutoff[0]), spec)
+        if one is not None:
+            return one
     pos, neg = table.positives, table.negatives
     L = spec.seq_len
     S = user.shape[0]
@@ -223,6 +227,65 @@ def build_sequences(
         item=out_item, category=out_cat, event=out_event, polarity=out_pol,
         timestamp=out_ts, mask=mask, stats=stats, n_positive=n_pos, n_negative=n_neg,
     )
+
+
+# The modes without random draws, which `_one_query` builds.
+_ONE_QUERY_MODES = frozenset({"pos", "mix", "grouped"})
+
+
+def _one_query(table: HistoryTable, cutoff: float, spec: SequenceSpec) -> SequenceBatch | None:
+    """The sequence of a one-user table at one cutoff (the service's request): the same tokens, columns and
+    statistics as the batched path below, computed with a few whole-array operations on the two histories
+    instead of the (S, K) machinery a batch needs. None (the batched path then runs) when two selected tokens
+    of different polarity tie on (timestamp, seq), which an ingested or logged history never holds."""
+    pos, neg = table.positives, table.negatives
+    L = spec.seq_len
+    n_pos = int(pos.timestamp.searchsorted(cutoff, side="left"))
+    n_neg = int(neg.timestamp.searchsorted(cutoff, side="left"))
+    pos_budget, neg_budget = spec.pos_budget, spec.neg_budget
+    if spec.fill_budget:
+        k_pos = min(n_pos, pos_budget + max(neg_budget - n_neg, 0))
+        k_neg = min(n_neg, neg_budget + max(pos_budget - n_pos, 0))
+    else:
+        k_pos, k_neg = min(n_pos, pos_budget), min(n_neg, neg_budget)
+    p, q = slice(n_pos - k_pos, n_pos), slice(n_neg - k_neg, n_neg)  # the most recent k before the cutoff
+    total = k_pos + k_neg
+    out_item = np.full((1, L), PAD_INDEX, dtype=np.int64)
+    out_cat = np.full((1, L), PAD_INDEX, dtype=np.int64)
+    out_event = np.zeros((1, L), dtype=np.int64)
+    out_pol = np.zeros((1, L), dtype=np.int64)
+    out_ts = np.zeros((1, L), dtype=np.float64)
+    if total:
+        ts = np.concatenate([pos.timestamp[p], neg.timestamp[q]])
+        order: slice | np.ndarray = slice(None)  # positives, then negatives (or one polarity, already in order)
+        if spec.mode != "grouped" and k_pos and k_neg:
+            seq = np.concatenate([pos.seq[p], neg.seq[q]])
+            order = np.lexsort((seq, ts))
+            ts_sorted, seq_sorted = ts[order], seq[order]
+            if ((ts_sorted[1:] == ts_sorted[:-1]) & (seq_sorted[1:] == seq_sorted[:-1])).any():
+                return None
+        at = slice(L - total, L)
+        out_item[0, at] = np.concatenate([pos.item[p], neg.item[q]])[order]
+        out_cat[0, at] = np.concatenate([pos.category[p], neg.category[q]])[order]
+        out_event[0, at] = np.concatenate([pos.event[p], neg.event[q]])[order]
+        out_ts[0, at] = ts[order]
+        out_pol[0, at] = np.concatenate([np.ones(k_pos, dtype=np.int64), -np.ones(k_neg, dtype=np.int64)])[order]
+    last = max(pos.timestamp[n_pos - 1] if n_pos else -np.inf, neg.timestamp[n_neg - 1] if n_neg else -np.inf)
+    n_pos_a, n_neg_a = np.array([n_pos], dtype=np.int64), np.array([n_neg], dtype=np.int64)
+    return SequenceBatch(
+        item=out_item, category=out_cat, event=out_event, polarity=out_pol, timestamp=out_ts, mask=out_pol != 0,
+        stats=_one_query_stats(n_pos, n_neg, float(last), cutoff, spec.stats_cap), n_positive=n_pos_a,
+        n_negative=n_neg_a,
+    )
+
+
+def _one_query_stats(n_pos: int, n_neg: int, last: float, cutoff: float, cap: int) -> np.ndarray:
+    """`_history_stats` of one query, with the same numpy operations on the same float64 values."""
+    cp, cn = float(min(n_pos, cap)), float(min(n_neg, cap))
+    rate = cp / (cp + cn) if cp + cn > 0 else 0.0
+    gap = cutoff - last if np.isfinite(last) and np.isfinite(cutoff) else 0.0
+    logs = np.log1p(np.array([cp, cn, max(gap, 0.0)], dtype=np.float64))
+    return np.array([[logs[0], logs[1], rate, logs[2]]], dtype=np.float64).astype(np.float32)
 
 
 def _count_before(stream: PolarityStreams, user: np.ndarray, cutoff: np.ndarray) -> np.ndarray:

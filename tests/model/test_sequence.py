@@ -226,3 +226,25 @@ def test_one_user_table_matches_batch_on_equal_timestamp_and_seq(mode: str) -> N
     one = build_sequences(single_user_table(events, 0), user=np.zeros(cut.shape[0], np.int64), cutoff=cut, spec=spec)
     for name in ("item", "category", "event", "polarity", "timestamp", "mask", "stats"):
         np.testing.assert_array_equal(getattr(batch, name), getattr(one, name), err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["mix", "pos", "grouped"])
+@pytest.mark.parametrize("fill", [False, True])
+def test_one_query_of_one_user_matches_the_batch_path_with_ties(mode: str, fill: bool) -> None:
+    """One query on a one-user table (the service's request) takes the short path: the same tokens, columns and
+    statistics as the batch path, also where timestamps tie across polarities, and where (timestamp, seq) pairs
+    repeat (the short path hands those to the batch path)."""
+    rng = np.random.default_rng(5)
+    unique = [Ev(0, float(rng.integers(0, 4)), k, int(rng.integers(2, 30)), int(rng.integers(2, 6)),
+                 int(rng.integers(1, 4)), int(rng.choice([1, -1]))) for k in range(50)]
+    repeated = [Ev(0, float(rng.integers(0, 3)), int(rng.integers(0, 4)), int(rng.integers(2, 30)), 2, 1, pol)
+                for _ in range(20) for pol in (1, -1)]
+    spec = SequenceSpec(seq_len=16, pos_ratio=0.5, mode=mode, fill_budget=fill, history_cap=64, stats_cap=32)
+    for events in (unique, repeated):
+        batch_table = table_of([*events, Ev(1, 1.0, 99, 5, 2, 1, 1)], 2)  # two users: the batch path
+        for c in (-1.0, 0.0, 1.0, 2.5, 9.0):
+            one = build_sequences(table_of(events, 1), user=np.zeros(1, np.int64), cutoff=np.array([c]), spec=spec)
+            batch = build_sequences(batch_table, user=np.zeros(1, np.int64), cutoff=np.array([c]), spec=spec)
+            for name in ("item", "category", "event", "polarity", "timestamp", "mask", "stats", "n_positive",
+                         "n_negative"):
+                np.testing.assert_array_equal(getattr(one, name), getattr(batch, name), err_msg=f"{name} at {c}")
