@@ -7,6 +7,8 @@ A bundle directory holds
 
     model.onnx            the graph: inputs `model.features.inputs.INPUT_NAMES`; outputs `probability` (N,) and,
                           in bundles that have it, `attention` (N, L) (see `ATTENTION_NAME`)
+    model.probability.onnx  the same graph with the `probability` output only (bundles that have it): the service runs
+                          it for requests without `explain`, so the attention weights are neither computed nor copied
     model.opt.onnx        optional ONNX Runtime-optimised copy (`polarity export --optimize`)
     feature_spec.json     `FeatureSpec.to_dict()` the model was trained with
     vocab/*.json          the training vocabulary (`model.features.vocab.VOCAB_FILES`)
@@ -41,6 +43,7 @@ __all__ = [
     "MODEL_FILE",
     "OPTIMIZED_MODEL_FILE",
     "OUTPUT_NAME",
+    "PROBABILITY_MODEL_FILE",
     "VOCAB_DIR",
     "BundleError",
     "BundleExpectation",
@@ -57,6 +60,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 OPTIMIZED_MODEL_FILE = "model.opt.onnx"
+PROBABILITY_MODEL_FILE = "model.probability.onnx"
 FEATURE_SPEC_FILE = "feature_spec.json"
 VOCAB_DIR = "vocab"
 OUTPUT_NAME = "probability"
@@ -120,6 +124,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "custom_ops": {"type": "array", "items": {"type": "string"}},
                 "functions": {"type": "array", "items": {"type": "string"}},
                 "optimized_file": {"type": ["string", "null"]},
+                "probability_file": {"type": ["string", "null"]},
             },
         },
         "files": {
@@ -203,6 +208,12 @@ class Manifest:
         return None if name is None else self.root / str(name)
 
     @property
+    def probability_model_path(self) -> Path | None:
+        """The probability-only graph (no `attention` output), when the bundle has one."""
+        name = self.data["onnx"].get("probability_file")
+        return None if name is None else self.root / str(name)
+
+    @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(str(t["name"]) for t in self.data["inputs"])
 
@@ -259,8 +270,9 @@ def verify_bundle(bundle: Path | str | Manifest) -> None:
     root = manifest.root
     required = {manifest.data["onnx"]["file"], manifest.data["feature_spec_file"],
                 *manifest.data["vocab_files"].values()}
-    if manifest.data["onnx"].get("optimized_file"):
-        required.add(manifest.data["onnx"]["optimized_file"])
+    for optional in ("optimized_file", "probability_file"):
+        if manifest.data["onnx"].get(optional):
+            required.add(manifest.data["onnx"][optional])
     unlisted = sorted(required - set(manifest.data["files"]))
     if unlisted:
         raise BundleError(f"{root}: manifest lists no sha256 for {unlisted}; the manifest is incomplete")

@@ -14,6 +14,7 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from export.bundle import ATTENTION_NAME
 from export.reference import ExportError, random_inputs
 from export.serving.model import ServingModel
 from export.tapf_onnx import (
@@ -131,6 +132,22 @@ def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int)
     if names != served.output_names:
         raise ExportError(f"exported graph outputs {list(names)}, expected {list(served.output_names)}")
     return model
+
+def probability_only(model: ir.Model) -> ir.Model:
+    """A copy of an exported model with the `attention` output dropped, and every node (and initializer, and
+    function) only that output needed: the graph a request without `explain` runs. The probability is computed
+    by the very same nodes."""
+    from onnx_ir.passes.common import RemoveUnusedFunctionsPass, RemoveUnusedNodesPass
+
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    kept = [v for v in copy.graph.outputs if v.name != ATTENTION_NAME]
+    if len(kept) == len(copy.graph.outputs):
+        raise ExportError(f"the model has no {ATTENTION_NAME!r} output to drop")
+    copy.graph.outputs.clear()
+    copy.graph.outputs.extend(kept)
+    RemoveUnusedNodesPass()(copy)
+    RemoveUnusedFunctionsPass()(copy)  # type: ignore[no-untyped-call]
+    return copy
 
 @contextlib.contextmanager
 def quiet_loggers(*names: str, level: int = logging.WARNING) -> Iterator[None]:

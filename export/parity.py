@@ -5,7 +5,8 @@
   still where training read it): single requests (U=1) and one micro-batch of requests (U>1);
 - synthetic edge cases: N=1, an arbitrary `cand_user` mapping, large N, empty histories,
   all-padding sequences and OOV items/categories;
-on every model file of the bundle (`model.onnx`, and `model.opt.onnx` when present), through the
+on every model file of the bundle (`model.onnx`, `model.probability.onnx` and `model.opt.onnx` when present),
+through the
 ONNX-function fallback and, when the library is built, through the fused custom kernel. It reports
 the max absolute difference per case of the probabilities and, for bundles that output it, of the
 attention weights (N, L); both must be within the tolerance.
@@ -199,15 +200,15 @@ def check_parity(run_dir: Path | str, bundle_dir: Path | str, *, n_requests: int
         real, data = data_cases(run, n_requests=n_requests, max_candidates=max_candidates, seed=seed)
         cases = real + cases
     files = [manifest.model_path]
-    if manifest.optimized_model_path is not None:
-        files.append(manifest.optimized_model_path)
+    for extra in (manifest.probability_model_path, manifest.optimized_model_path):
+        if extra is not None:
+            files.append(extra)
     use_kernel = kernel if kernel is not None else (kernel_library_path() is not None and manifest.tapf_gates > 0)
     paths = ["function", *(["kernel"] if use_kernel else [])]
 
     expected = [reference_outputs(model, inputs) for _, inputs in cases]
-    outputs = manifest.output_names
-    if OUTPUT_NAME not in outputs:
-        raise ParityError(f"{manifest.root}: the graph has no {OUTPUT_NAME!r} output ({list(outputs)})")
+    if OUTPUT_NAME not in manifest.output_names:
+        raise ParityError(f"{manifest.root}: the graph has no {OUTPUT_NAME!r} output ({list(manifest.output_names)})")
     results: list[ParityCase] = []
     for path_kind in paths:
         for model_file in files:
@@ -215,6 +216,7 @@ def check_parity(run_dir: Path | str, bundle_dir: Path | str, *, n_requests: int
             if path_kind == "kernel" and model_file.name == OPTIMIZED_MODEL_FILE:
                 continue
             session = _session(model_file, kernel=path_kind == "kernel")
+            outputs = [o.name for o in session.get_outputs()]
             for (name, inputs), want in zip(cases, expected, strict=True):
                 got = dict(zip(outputs, session.run(list(outputs), inputs.as_dict()), strict=True))
                 diffs = {key: _max_abs_diff(got[key], want[key], f"{model_file.name} {key} ({name})")

@@ -39,11 +39,12 @@ from export.bundle import (
     FORMAT_VERSION,
     MODEL_FILE,
     OPTIMIZED_MODEL_FILE,
+    PROBABILITY_MODEL_FILE,
     VOCAB_DIR,
     sha256_file,
     write_manifest,
 )
-from export.graph import export_onnx, ir_nodes, save_optimized_copy
+from export.graph import export_onnx, ir_nodes, probability_only, save_optimized_copy
 from export.reference import ExportError, check_representable, load_run
 from export.serving.model import ATTENTION_SOURCES, ServingModel
 from export.tapf_onnx import ONNX_OPSET, TAPF_DOMAIN, TAPF_DOMAIN_VERSION
@@ -65,7 +66,8 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
       not written (`ParityError`). The report goes into the manifest.
     name/version: manifest identity (default: run directory name / first 12 hex of model.onnx's sha256).
     attention: also output `attention` (N, L), each candidate's weights over the history (for
-      `explain`); the probabilities are the same with or without it.
+      `explain`); the probabilities are the same with or without it. Such a bundle also holds
+      `model.probability.onnx`, the same graph without that output (`export.graph.probability_only`).
     fuse_pooling: export each gate fused with the attention that pools it, one `TAPFGateDotPool` /
       `TAPFGateMLPPool` node, instead of the plain `tapf.fused::TAPFGate` node (`ServingModel.from_trained`).
       Same outputs either way.
@@ -132,11 +134,11 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
     model.metadata_props.update({"polarity.arch": cfg.arch, "polarity.seq_variant": cfg.seq_variant,
                                  "polarity.seq_len": str(run.spec.sequence.seq_len)})
     proto = ir.serde.serialize_model(model)
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported graph fails onnx.checker: {exc}") from exc
-    onnx.save_model(proto, out_dir / MODEL_FILE)
+    _save_checked(proto, out_dir / MODEL_FILE)
+    probability = None
+    if ATTENTION_NAME in outputs:
+        probability = PROBABILITY_MODEL_FILE
+        _save_checked(ir.serde.serialize_model(probability_only(model)), out_dir / probability)
 
     run.spec.save(out_dir / FEATURE_SPEC_FILE)
     vocab_paths = run.vocab.save(out_dir / VOCAB_DIR)
@@ -148,7 +150,8 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
         save_optimized_copy(out_dir / MODEL_FILE, out_dir / OPTIMIZED_MODEL_FILE)
         optimized = OPTIMIZED_MODEL_FILE
 
-    listed = [MODEL_FILE, FEATURE_SPEC_FILE, *vocab_files.values(), *([optimized] if optimized else [])]
+    listed = [MODEL_FILE, FEATURE_SPEC_FILE, *vocab_files.values(), *([optimized] if optimized else []),
+              *([probability] if probability else [])]
     files: dict[str, dict[str, Any]] = {
         rel: {"sha256": sha256_file(out_dir / rel), "bytes": (out_dir / rel).stat().st_size} for rel in listed
     }
@@ -186,6 +189,7 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
                                   if n.domain == TAPF_DOMAIN}),
             "functions": sorted(f"{f.domain}::{f.name}" for f in model.functions.values()),
             "optimized_file": optimized,
+            "probability_file": probability,
             "optimized_for": "CPUExecutionProvider (ORT_ENABLE_EXTENDED)" if optimized else None,
             "exporter": f"torch {torch.__version__} dynamo, onnx {onnx.__version__}",
         },
@@ -196,6 +200,13 @@ def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_
     }
     write_manifest(out_dir, manifest)
     return manifest
+
+def _save_checked(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path.name}: exported graph fails onnx.checker: {exc}") from exc
+    onnx.save_model(proto, path)
 
 def _git_revision() -> str:
     try:

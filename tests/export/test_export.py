@@ -23,6 +23,7 @@ from export.bundle import (
     MANIFEST_FILE,
     MODEL_FILE,
     OPTIMIZED_MODEL_FILE,
+    PROBABILITY_MODEL_FILE,
     BundleError,
     BundleExpectation,
     load_manifest,
@@ -222,13 +223,14 @@ def test_check_parity_covers_real_sequences_and_edge_cases(exported: dict[str, E
     assert report.passed, report.summary()
     assert report.max_abs_diff < 1e-5
     assert report.attention_max_abs_diff is not None and report.attention_max_abs_diff < 1e-5
-    assert all(c.attention_max_abs_diff is not None for c in report.cases)
+    # The probability-only graph has no attention to compare; every other file does.
+    assert all((c.attention_max_abs_diff is None) == (c.model_file == PROBABILITY_MODEL_FILE) for c in report.cases)
     assert report.data != "unavailable"  # the run's own log was used
     names = " ".join(c.name for c in report.cases)
     for needle in ("data request", "data micro-batch", "N=1", "empty history", "all padding", "OOV", "N=300",
                    "N=2000"):
         assert needle in names
-    assert {c.model_file for c in report.cases} == {MODEL_FILE, OPTIMIZED_MODEL_FILE}
+    assert {c.model_file for c in report.cases} == {MODEL_FILE, PROBABILITY_MODEL_FILE, OPTIMIZED_MODEL_FILE}
     assert {c.n_users for c in report.cases if "micro-batch" in c.name} == {3}
 
 
@@ -242,7 +244,7 @@ def test_parity_through_the_fused_kernel(exported: dict[str, Exported], arch: st
     assert report.passed, report.summary()
     assert report.attention_max_abs_diff is not None and report.attention_max_abs_diff < 1e-5
     assert {c.path for c in report.cases} == {"function", "kernel"}
-    assert {c.model_file for c in report.cases if c.path == "kernel"} == {MODEL_FILE}
+    assert {c.model_file for c in report.cases if c.path == "kernel"} == {MODEL_FILE, PROBABILITY_MODEL_FILE}
 
 
 @pytest.mark.parametrize("arch", GATED)
@@ -328,7 +330,7 @@ def test_bundle_without_attention_output(exported: dict[str, Exported], tmp_path
     bundle = export_bundle(ex.run_dir, tmp_path / "probs_only", attention=False)
     manifest = load_manifest(bundle, expect=BundleExpectation())
     assert manifest.output_names == ("probability",) and not manifest.has_attention
-    assert manifest.data["model"]["attention"] is None
+    assert manifest.data["model"]["attention"] is None and manifest.probability_model_path is None
     spec = load_run(ex.run_dir).spec
     inputs = random_inputs(spec, n_users=3, n_candidates=25, seed=5)
     with_att = _ort_outputs(ex.bundle / MODEL_FILE, inputs)
@@ -339,6 +341,27 @@ def test_bundle_without_attention_output(exported: dict[str, Exported], tmp_path
     load_manifest(ex.bundle, expect=BundleExpectation(output_names=("probability", ATTENTION_NAME)))
     with pytest.raises(BundleError, match=r"caller reads \[.*\] \(missing \['attention'\]\)"):
         load_manifest(bundle, expect=BundleExpectation(output_names=("probability", ATTENTION_NAME)))
+
+
+@pytest.mark.parametrize("arch", VARIANTS)
+def test_the_probability_only_graph_is_the_full_graph_less_the_attention(exported: dict[str, Exported],
+                                                                        arch: str) -> None:
+    """A bundle with `attention` also holds `model.probability.onnx`: the same nodes computing the probability, every
+    node only the attention needed dropped, listed (and hashed) in the manifest; a bundle without attention has none."""
+    ex = exported[arch]
+    manifest = load_manifest(ex.bundle)
+    assert manifest.data["onnx"]["probability_file"] == PROBABILITY_MODEL_FILE
+    assert PROBABILITY_MODEL_FILE in manifest.data["files"]
+    full, short = _graph(ex.bundle), _graph(ex.bundle, PROBABILITY_MODEL_FILE)
+    assert [o.name for o in short.graph.output] == ["probability"]
+    # OneTrans averages its NS tokens' weights for the output alone; DIN's weights are what pools the sequence.
+    assert len(short.graph.node) < len(full.graph.node) if arch == "onetrans" else len(short.graph.node) <= len(
+        full.graph.node)
+    assert {n.name for n in short.graph.node} <= {n.name for n in full.graph.node}
+    spec = load_run(ex.run_dir).spec
+    inputs = random_inputs(spec, n_users=2, n_candidates=13, seed=9)
+    np.testing.assert_array_equal(_ort_outputs(ex.bundle / PROBABILITY_MODEL_FILE, inputs)["probability"],
+                                  _ort_outputs(ex.bundle / MODEL_FILE, inputs)["probability"])
 
 
 def test_kernel_library_path_is_none_or_a_file() -> None:
