@@ -44,14 +44,15 @@ async def score_batch_json(scorer: Scorer, body: BatchScoreRequest) -> bytes:
 
     t0 = time.perf_counter()
     seqs = assemble_sequences([h for h, _ in read], cutoff=cutoffs, vocab=model.vocab, spec=model.spec)
-    cand_item = model.vocab.item_index([c.item_id for r in requests for c in r.candidates])
-    cand_category = model.vocab.candidate_category(cand_item, [c.category for r in requests for c in r.candidates])
+    cand_item = model.vocab.item_index([c["item_id"] for r in requests for c in r.candidates])
+    cand_category = model.vocab.candidate_category(cand_item, [c.get("category") for r in requests
+                                                               for c in r.candidates])
     inputs = inputs_from_sequences(seqs, cand_item=cand_item, cand_category=cand_category,
                                    cand_user=np.repeat(np.arange(len(requests), dtype=np.int64), sizes))
     t1 = time.perf_counter()
     scorer.metrics.stage_duration.labels(stage="sequence_build").observe(t1 - t0)
 
-    scored = await scorer.infer(model, inputs)
+    scored = await scorer.infer(model, inputs, attention=any(r.explain for r in requests))
     t2 = time.perf_counter()
     scorer.metrics.stage_duration.labels(stage="inference").observe(t2 - t1)
 
@@ -66,7 +67,7 @@ async def score_batch_json(scorer: Scorer, body: BatchScoreRequest) -> bytes:
         explanations = None
         if req.explain:
             attention = None if scored.attention is None else scored.attention[lo:hi]
-            explanations = explain(model, user_rows(seqs, u), [c.item_id for c in req.candidates], attention,
+            explanations = explain(model, user_rows(seqs, u), [c["item_id"] for c in req.candidates], attention,
                                    top_k=scorer.settings.explain_top_k)
         results.append(ScoreResponse(
             scores=probs[lo:hi].tolist(), model_version=model.version,

@@ -32,7 +32,7 @@ from model.features.spec import FeatureSpec, SequenceSpec
 from model.features.vocab import Vocabulary
 from service.assembly import assemble_sequences
 from service.errors import BundleRejected, StartupError
-from service.history_store import UserHistory
+from service.history_columns import UserHistory
 from service.inference import InferenceBackend
 from service.settings import Settings
 
@@ -63,9 +63,11 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest.data["model"]
+        placement = getattr(self.backend, "placement", None)  # which provider runs the graph's nodes (ONNX backend)
         return {"name": m["name"], "version": m["version"], "arch": m["arch"], "seq_len": m["seq_len"],
                 "pos_ratio": m["pos_ratio"], "provider": self.backend.provider, "kernel": self.backend.kernel,
-                "attention_output": self.has_attention, "path": str(self.manifest.root)}
+                "attention_output": self.has_attention, "path": str(self.manifest.root),
+                "placement": None if placement is None else placement.describe()}
 
 
 def _verify_bundle(root: Path, settings: Settings) -> tuple[Manifest, Vocabulary, FeatureSpec]:
@@ -100,10 +102,10 @@ def warm_up(model: LoadedModel) -> None:
     items = np.array([1, 1], dtype=np.int64)
     inputs = inputs_from_sequences(seqs, cand_item=items, cand_user=np.zeros(2, dtype=np.int64),
                                    cand_category=model.vocab.candidate_category(items, [None, None]))
-    out = model.backend.run(inputs.as_dict())
-    probs = out["probs"]
-    if probs.shape != (2,) or not np.all(np.isfinite(probs)):
-        raise BundleError(f"{model.manifest.root}: warm-up run returned {probs.shape} / non-finite probabilities")
+    for attention in (True, False):  # both graphs, when the bundle has a probability-only one
+        probs = model.backend.run(inputs.as_dict(), attention=attention)["probs"]
+        if probs.shape != (2,) or not np.all(np.isfinite(probs)):
+            raise BundleError(f"{model.manifest.root}: warm-up run returned {probs.shape} / non-finite probabilities")
 
 
 class ModelSlot:

@@ -7,9 +7,10 @@ so that an oversized batch gets 413 with a message rather than a generic 422.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypedDict
 
 MAX_ID_CHARS = 256
 
@@ -22,12 +23,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Candidate(_Strict):
+class Candidate(TypedDict):
+    """One candidate: validated into a plain dict, not a model (a request holds up to `max_candidates`)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     item_id: Id
-    category: Id | None = Field(default=None, description="default: the item's category at training time")
+    category: NotRequired[Annotated[Id | None, Field(description="default: the item's category at training time")]]
 
 
 class ScoreRequest(_Strict):
+    """Validated from the raw body in one pass (`ScoreRequest.model_validate_json`): the candidates become N
+    dicts, never N model objects."""
+
     user_id: Id
     candidates: list[Candidate] = Field(min_length=1, description="scored in this order (max: settings)")
     context: dict[str, Any] | None = Field(default=None, description="request context (not used by current models)")

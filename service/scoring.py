@@ -12,19 +12,22 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
+from pydantic_core import to_json
 
 from model.features.inputs import INPUT_NAMES, InputArrays, inputs_from_sequences
 from model.features.sequence import SequenceBatch
 from model.features.spec import FIRST_ID_INDEX
 from service.assembly import assemble_sequences
 from service.errors import TooManyCandidates
-from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable, UserHistory
-from service.metrics import ServiceMetrics
+from service.history_columns import UserHistory
+from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable
+from service.metrics import STAGES, ServiceMetrics
 from service.model_slot import LoadedModel, ModelSlot
 from service.request_context import user_digest
-from service.schemas import Explanation, HistoryCounts, HistoryToken, ScoreRequest, ScoreResponse
+from service.schemas import Explanation, HistoryToken, ScoreRequest, ScoreResponse
 from service.settings import Settings
 
 log = logging.getLogger("polarity.service")
@@ -48,6 +51,12 @@ class Scorer:
         self.executor = executor
         self.batcher = batcher
         self.budget_s = settings.score_redis_budget_ms / 1000.0
+        self.inline_max = settings.inference_inline_max_candidates
+        # The labelled children, looked up once: `labels()` takes a lock and a dict lookup per call.
+        self._stage = {stage: metrics.stage_duration.labels(stage=stage) for stage in STAGES}
+        self._redis_read = metrics.redis_duration.labels(operation="read")
+        self._history_length = {pol: metrics.history_length.labels(polarity=pol) for pol in ("positive", "negative")}
+        self._cand_user = np.zeros(settings.max_candidates, dtype=np.int64)  # every candidate reads sequence 0 (U=1)
 
     async def read_history(self, user_id: str) -> tuple[UserHistory, str | None]:
         """The user's history, or (empty, reason) when Redis fails or is too slow."""
@@ -56,7 +65,7 @@ class Scorer:
         try:
             # asyncio.timeout, not wait_for: no extra task (and loop turn) per request on 3.11.
             async with asyncio.timeout(self.budget_s):
-                history = (await self.store.read_many([user_id]))[0]
+                history = await self.store.read(user_id)
         except TimeoutError:
             reason = "redis_timeout"
         except HistoryStoreUnavailable:
@@ -64,8 +73,8 @@ class Scorer:
         except HistoryStoreError:
             reason = "redis_error"
         elapsed = time.perf_counter() - t0
-        self.metrics.redis_duration.labels(operation="read").observe(elapsed)
-        self.metrics.stage_duration.labels(stage="redis_read").observe(elapsed)
+        self._redis_read.observe(elapsed)
+        self._stage["redis_read"].observe(elapsed)
         if reason is not None:
             self.metrics.redis_errors.labels(operation="read").inc()
             self.metrics.degraded.labels(reason=reason).inc()
@@ -73,11 +82,18 @@ class Scorer:
             return UserHistory.empty(), reason
         return history, None
 
-    async def infer(self, model: LoadedModel, inputs: InputArrays) -> Scored:
+    async def infer(self, model: LoadedModel, inputs: InputArrays, *, attention: bool = True) -> Scored:
+        """The model's outputs (`attention` only when asked). A call of at most `inference_inline_max_candidates`
+        runs right here on the event loop: the hand-off to a worker thread and back (two wake-ups, each of which
+        waits for a time slice on busy cores) costs more than such a call."""
         if self.batcher is not None:
-            return await self.batcher.run(model, inputs)
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self.executor, model.backend.run, inputs.as_dict())
+            return await self.batcher.run(model, inputs, attention=attention)
+        feed = inputs.as_dict()
+        if inputs.n_candidates <= self.inline_max:
+            out = model.backend.run(feed, attention=attention)
+        else:
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self.executor, partial(model.backend.run, feed, attention=attention))
         return Scored(probs=out["probs"], attention=out.get("attention"))
 
     def after_inference(self, req: ScoreRequest, *, model: LoadedModel, cutoff: float, seqs: SequenceBatch,
@@ -102,33 +118,40 @@ class Scorer:
 
         t0 = time.perf_counter()
         seqs = assemble_sequences([history], cutoff=[cutoff], vocab=model.vocab, spec=model.spec)  # U = 1
-        cands = req.candidates
-        cand_item = model.vocab.item_index([c.item_id for c in cands])  # (N,) unknown -> OOV
-        cand_category = model.vocab.candidate_category(cand_item, [c.category for c in cands])
+        item_ids = [c["item_id"] for c in req.candidates]
+        cand_item = model.vocab.item_index(item_ids)  # (N,) unknown -> OOV
+        cand_category = model.vocab.candidate_category(cand_item, [c.get("category") for c in req.candidates])
         inputs = inputs_from_sequences(seqs, cand_item=cand_item, cand_category=cand_category,
-                                       cand_user=np.zeros(n, dtype=np.int64))
+                                       cand_user=self._cand_user[:n])
         t1 = time.perf_counter()
-        self.metrics.stage_duration.labels(stage="sequence_build").observe(t1 - t0)
+        self._stage["sequence_build"].observe(t1 - t0)
 
-        scored = await self.infer(model, inputs)
+        scored = await self.infer(model, inputs, attention=req.explain)
         t2 = time.perf_counter()
-        self.metrics.stage_duration.labels(stage="inference").observe(t2 - t1)
+        self._stage["inference"].observe(t2 - t1)
         self.after_inference(req, model=model, cutoff=cutoff, seqs=seqs, inputs=inputs, scored=scored, degraded=reason)
 
         n_pos, n_neg = int(seqs.n_positive[0]), int(seqs.n_negative[0])  # the builder's counts before the cutoff
-        self.metrics.history_length.labels(polarity="positive").observe(n_pos)
-        self.metrics.history_length.labels(polarity="negative").observe(n_neg)
+        self._history_length["positive"].observe(n_pos)
+        self._history_length["negative"].observe(n_neg)
         explanations = None
         if req.explain:
-            explanations = explain(model, seqs, [c.item_id for c in req.candidates], scored.attention,
-                                   top_k=self.settings.explain_top_k)
-        body = ScoreResponse(
-            scores=scored.probs.astype(np.float64).tolist(), model_version=model.version,
-            history=HistoryCounts(positives=n_pos, negatives=n_neg), degraded=reason is not None,
-            degraded_reason=reason, explanations=explanations,
-        ).model_dump_json().encode()
-        self.metrics.stage_duration.labels(stage="serialize").observe(time.perf_counter() - t2)
+            explanations = explain(model, seqs, item_ids, scored.attention, top_k=self.settings.explain_top_k)
+        body = response_json(scores=scored.probs, model_version=model.version, positives=n_pos, negatives=n_neg,
+                             degraded_reason=reason, explanations=explanations)
+        self._stage["serialize"].observe(time.perf_counter() - t2)
         return body
+
+
+def response_json(*, scores: np.ndarray, model_version: str, positives: int, negatives: int,
+                  degraded_reason: str | None, explanations: list[Explanation] | None) -> bytes:
+    """`ScoreResponse` as JSON bytes, written by pydantic-core in one call, without validating a model of N
+    floats first (the same bytes as `ScoreResponse(...).model_dump_json()`)."""
+    return to_json({
+        "scores": scores.astype(np.float64).tolist(), "model_version": model_version,
+        "history": {"positives": positives, "negatives": negatives}, "degraded": degraded_reason is not None,
+        "degraded_reason": degraded_reason, "explanations": explanations,
+    })
 
 
 def _token(model: LoadedModel, seqs: SequenceBatch, j: int, weight: float | None) -> HistoryToken:
@@ -177,6 +200,7 @@ def explain(model: LoadedModel, seqs: SequenceBatch, item_ids: Sequence[str], at
 class _Job:
     model: LoadedModel
     inputs: InputArrays
+    attention: bool
     future: asyncio.Future[Scored]
 
 
@@ -196,9 +220,9 @@ class MicroBatcher:
     _timer: asyncio.TimerHandle | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def run(self, model: LoadedModel, inputs: InputArrays) -> Scored:
+    async def run(self, model: LoadedModel, inputs: InputArrays, *, attention: bool = True) -> Scored:
         loop = asyncio.get_running_loop()
-        job = _Job(model=model, inputs=inputs, future=loop.create_future())
+        job = _Job(model=model, inputs=inputs, attention=attention, future=loop.create_future())
         n = inputs.n_candidates
         if self._jobs and (self._jobs[0].model is not model or self._n + n > self.max_candidates):
             self._flush()
@@ -225,7 +249,8 @@ class MicroBatcher:
         try:
             merged = _concat([j.inputs for j in jobs])
             loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self.executor, jobs[0].model.backend.run, merged)
+            run = partial(jobs[0].model.backend.run, merged, attention=any(j.attention for j in jobs))
+            out = await loop.run_in_executor(self.executor, run)
         except Exception as exc:
             for j in jobs:
                 if not j.future.done():

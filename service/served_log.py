@@ -56,8 +56,8 @@ def served_entry(req: ScoreRequest, *, model: LoadedModel, cutoff: float, seqs: 
     return {
         "format": FORMAT_VERSION, "user_id": req.user_id, "cutoff": repr(float(cutoff)),
         "served_at": repr(time.time()), "model_name": model.manifest.name, "model_version": model.version,
-        "item_ids": json.dumps([c.item_id for c in req.candidates]),
-        "categories": json.dumps([c.category for c in req.candidates]),
+        "item_ids": json.dumps([c["item_id"] for c in req.candidates]),
+        "categories": json.dumps([c.get("category") for c in req.candidates]),
         "inputs": json.dumps(arrays), "scores": json.dumps(np.asarray(scored.probs, dtype=np.float32).tolist()),
         "degraded": degraded or "",
     }

@@ -43,6 +43,23 @@ class Settings(BaseSettings):
         default=False, description="let ONNX Runtime's intra-op threads busy-wait for work (faster hand-off on "
         "idle dedicated cores; on shared cores the spinning takes CPU from the event loop and Redis: the tail grows)",
     )
+    inference_inline_max_candidates: int = Field(
+        default=64, ge=0, description="score requests of at most this many candidates run their inference on the "
+        "event loop itself instead of a worker thread: for a small model call the hand-off and the wake-up back "
+        "(each a wait for a time slice on busy cores) cost more than the call (0 = always a worker thread)",
+    )
+    cuda_tf32: bool = Field(
+        default=False, description="let the CUDA provider run float32 MatMuls in TF32 (Ampere and later: faster, but "
+        "10 mantissa bits: probabilities move by about 1e-3, past the bundle's 1e-5 parity; check with the GPU check)",
+    )
+    inference_buckets: list[int] | None = Field(
+        default=None, description="candidate counts a U=1 call is padded up to, run through IOBinding into buffers "
+        "allocated once (None: powers of two up to max_candidates on CUDA, off on CPU; []: off)",
+    )
+    cuda_graphs: bool = Field(
+        default=False, description="replay each bucket's CUDA graph (one launch per call; needs device=cuda, buckets "
+        "and micro-batching off)",
+    )
     model_dir: Path | None = Field(
         default=None, description="bundles for /v1/admin/reload must lie under it (default: the bundle's parent)"
     )
@@ -120,8 +137,18 @@ class Settings(BaseSettings):
             raise ValueError("key_prefix must not contain '{' or '}' (they delimit the Redis Cluster hash tag)")
         return value
 
+    @field_validator("inference_buckets")
+    @classmethod
+    def _check_buckets(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(b < 1 for b in value):
+            raise ValueError("inference_buckets must be positive candidate counts")
+        return None if value is None else sorted(set(value))
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if self.cuda_graphs and self.microbatch_max_wait_us:
+            raise ValueError("cuda_graphs replays graphs of one user's sequence: turn micro-batching off "
+                             "(microbatch_max_wait_us=0)")
         if self.microbatch_max_wait_us and self.microbatch_max_candidates < self.max_candidates:
             raise ValueError(
                 f"microbatch_max_candidates ({self.microbatch_max_candidates}) must be >= max_candidates "

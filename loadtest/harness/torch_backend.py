@@ -41,7 +41,8 @@ class TorchBackend:
         self.sharder = CandidateShards(shards=shards, min_candidates=shard_min_candidates,
                                        concurrent_calls=concurrent_calls)
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], *, attention: bool = True) -> dict[str, np.ndarray]:
+        """The attention weights, when the model computes them, whether asked or not (torch has one graph)."""
         return self.sharder.run(self._run_whole, inputs)
 
     def _run_whole(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -384,10 +384,10 @@ async def test_unexpected_errors_are_500_without_request_content_in_logs(
         def __init__(self, inner: Any) -> None:
             self.inner, self.provider, self.kernel = inner, inner.provider, inner.kernel
 
-        def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def run(self, inputs: dict[str, np.ndarray], *, attention: bool = True) -> dict[str, np.ndarray]:
             if inputs["cand_item"].shape[0] == 3:
                 raise RuntimeError("secret-user-42 and history item 247")
-            out: dict[str, np.ndarray] = self.inner.run(inputs)
+            out: dict[str, np.ndarray] = self.inner.run(inputs, attention=attention)
             return out
 
     caplog.set_level("DEBUG")
