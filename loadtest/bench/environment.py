@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -48,7 +49,7 @@ WARM_PER_USER = 240  # ~120 of each polarity: every L=100 sequence is full (50 +
 
 P99_TARGET_MS = 50.0
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: servers run its code, not an installed copy
 
 
 @dataclass
@@ -79,15 +80,36 @@ def bench_env() -> BenchEnv:
                                                                         d_model=D_MODEL))
     return _ENV
 
+class ServerURL(str):
+    """A bench server's base URL that also knows the server's process id (for its CPU time)."""
+
+    pid: int
+
+    def __new__(cls, url: str, *, pid: int) -> ServerURL:
+        out = super().__new__(cls, url)
+        out.pid = pid
+        return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, threads: int = THREADS,
-                 shards: int = 1, workers: int = 1, spinning: bool = False, startup_timeout_s: float = 180.0
-                 ) -> Iterator[str]:
-    """The service in a subprocess with the given backend; yields its URL once /readyz answers 200."""
+                 shards: int = 1, workers: int = 1, spinning: bool = False, startup_timeout_s: float = 180.0,
+                 settings: dict[str, Any] | None = None, cpus: set[int] | None = None) -> Iterator[ServerURL]:
+    """The service in a subprocess with the given backend (and any other `settings`, pinned to `cpus` when
+    given); yields its URL once /readyz answers 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "loadtest.harness.bench_server", "--bundle", str(env.run.bundle), "--redis-url",
            env.redis_url, "--port", str(port), "--threads", str(threads), "--shards", str(shards),
            "--workers", str(workers), "--backend", backend] + (["--spinning"] if spinning else [])
+    cmd += [f"--set={name}={json.dumps(value)}" for name, value in (settings or {}).items()]
+    if cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *cmd]
     if backend in ("torch", "per-candidate"):
         cmd += ["--run-dir", str(env.run.run_dir)]
     proc_env = dict(os.environ)
@@ -102,7 +124,7 @@ def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, t
         if not env.warmed:
             warm(url)
             env.warmed = True
-        yield url
+        yield ServerURL(url, pid=proc.pid)
     finally:
         stop_process(proc)
 

@@ -27,6 +27,7 @@ BENCHES: dict[str, str] = {
     "ingest": "loadtest.bench.ingest:bench_ingest",
     "idle_gap": "loadtest.bench.idle_gap:bench_idle_gap",
     "placement": "loadtest.bench.placement:bench_placement",
+    "tax": "loadtest.bench.tax:bench_tax",
 }
 
 

@@ -14,6 +14,7 @@ A separate process, so the load generator's CPU and GIL never share the server's
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class PerCandidateBackend:
         self.provider = "CPUExecutionProvider"
         self.kernel = "naive-per-candidate"
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], *, attention: bool = True) -> dict[str, np.ndarray]:
         cu = inputs["cand_user"]
         feed = {k: (inputs[k][cu] if k.startswith("seq_") or k == "user_stats" else inputs[k]) for k in INPUT_NAMES}
         feed["cand_user"] = np.arange(len(cu), dtype=np.int64)
@@ -69,7 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--spinning", action="store_true", help="ONNX Runtime threads busy-wait (inference_spinning)")
     p.add_argument("--backend", choices=("onnx", "per-candidate", "torch"), default="onnx")
     p.add_argument("--run-dir", type=Path, default=None, help="checkpoint for --backend torch and per-candidate")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=JSON",
+                   help="any other Settings field, its value as JSON (e.g. inference_inline_max_candidates=0)")
     args = p.parse_args(argv)
+    extra = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        extra[name] = json.loads(value)
 
     factory: Any = None
     if args.backend == "per-candidate":
@@ -89,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(bundle=args.bundle, redis_url=args.redis_url, key_prefix=args.key_prefix, port=args.port,
                         inference_threads=args.threads, inference_workers=args.workers, inference_shards=args.shards,
                         inference_spinning=args.spinning, score_redis_budget_ms=2000,
-                        redis_timeout_ms=2000, log_level="warning")
+                        redis_timeout_ms=2000, log_level="warning", **extra)
     uvicorn.run(create_app(settings, backend_factory=factory), host="127.0.0.1", port=args.port,
                 log_level="warning", access_log=False, lifespan="on")
     return 0
