@@ -28,6 +28,7 @@ BENCHES: dict[str, str] = {
     "idle_gap": "loadtest.bench.idle_gap:bench_idle_gap",
     "placement": "loadtest.bench.placement:bench_placement",
     "tax": "loadtest.bench.tax:bench_tax",
+    "capacity": "loadtest.bench.capacity:bench_capacity",
 }
 
 
