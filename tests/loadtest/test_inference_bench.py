@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from loadtest.bench.inference import request_flops
@@ -34,3 +36,30 @@ def test_flops_grow_linearly_in_candidates_for_every_arch() -> None:
         model, spec = _model(arch, 16, 10)
         f = {n: request_flops(model, spec, n_cand=n) for n in (50, 100, 150)}
         assert f[150] - f[100] == f[100] - f[50] > 0, arch
+
+
+def test_node_flops_from_profile_shapes() -> None:
+    """The per-node FLOPs of the serving bench's profile table: 2·batch·M·K·N for (batched) matrix products, the
+    transposed B of a FusedMatMul recognised, the TAPF gate as its GEMMs, nothing for memory-bound ops."""
+    from loadtest.bench.inference import node_flops
+
+    assert node_flops("MatMul", [[500, 4, 100], [500, 100, 64]]) == 2 * 500 * 4 * 100 * 64
+    assert node_flops("MatMul", [[4, 500, 64], [4, 64, 128]]) == 2 * 4 * 500 * 64 * 128
+    assert node_flops("FusedMatMul", [[500, 4, 64], [500, 100, 64]]) == 2 * 500 * 4 * 64 * 100
+    assert node_flops("Gemm", [[32, 64], [64, 16]]) == 2 * 32 * 64 * 16
+    tokens, cand = [1, 100, 64], [500, 64]
+    assert node_flops("TAPFGate", [tokens, [1, 100], cand, [500]]) == 4 * 500 * 100 * 64 * 64 + 2 * 100 * 64 * 64
+    assert node_flops("Add", [[2, 3], [2, 3]]) is None
+
+
+def test_node_profile_tables_a_real_bundle(tiny_bundle: Any) -> None:
+    from export.bundle import load_manifest
+    from export.reference import random_inputs
+    from loadtest.bench.inference import node_profile
+
+    manifest = load_manifest(tiny_bundle.bundle)
+    feed = random_inputs(manifest.feature_spec, n_users=1, n_candidates=20, seed=0).as_dict()
+    lines = node_profile(manifest.model_path, feed, kernel=False, peak=100.0, runs=2)
+    ops = [line.split(" | ")[0].lstrip("| ") for line in lines if line.startswith("| ") and " | " in line]
+    assert "MatMul" in ops or "FusedMatMul" in ops
+    assert any(line.startswith("| `node_") for line in lines)  # the slowest nodes, by name
