@@ -84,6 +84,11 @@ def choose_providers(device: str, *, tf32: bool = False, cuda_graphs: bool = Fal
     return [(CPU, {})]
 
 
+class _AcceleratorUnusable(StartupError):
+    """The accelerator's provider did not start, or would leave compute nodes to the CPU (device=auto then serves on
+    the CPU; device=cuda refuses to start)."""
+
+
 class OnnxBackend:
     """A bundle's graphs in ONNX Runtime sessions (thread-safe `run`): the full graph, and the probability-only
     graph (`model.probability.onnx`) for calls that do not want `attention`, when the bundle has it.
@@ -100,13 +105,19 @@ class OnnxBackend:
         """`shards` > 1 (CPU only) splits a call of N candidates into up to `shards` runs of at least
         `shard_min_candidates`; `concurrent_calls` is how many `run`s the caller may have in flight."""
         providers = choose_providers(device, tf32=tf32, cuda_graphs=cuda_graphs)
-        names = [name for name, _ in providers]
-        self.accelerator = names[0] if names[0] != CPU else None
+        self.accelerator = providers[0][0] if providers[0][0] != CPU else None
         self.requested = device
         self.threads = intra_op_threads or available_cores()
         self.spinning = spinning
         self.kernel_registered = False
-        self.session, self.placement = self._open(manifest.model_path, providers)
+        try:
+            self.session, self.placement = self._open(manifest.model_path, providers)
+        except _AcceleratorUnusable as exc:
+            if device != "auto":
+                raise
+            log.warning("device=auto: %s; serving on the CPU", exc)
+            providers, self.accelerator = [(CPU, {})], None
+            self.session, self.placement = self._open(manifest.model_path, providers)
         self.kernel = KERNEL_FUSED if self.kernel_registered else KERNEL_FUNCTION
         self.kernel_path = kernel_status()["path"] if self.kernel_registered else None
         used = self.session.get_providers()
@@ -121,8 +132,10 @@ class OnnxBackend:
         self.probability_session = None if probability_path is None else self._open(probability_path, providers)[0]
         if buckets is None:
             buckets = default_buckets(max_candidates) if self.accelerator == CUDA else ()
-        if cuda_graphs and (self.accelerator != CUDA or not buckets):
-            raise StartupError("CUDA graphs need device=cuda and candidate buckets (POLARITY_INFERENCE_BUCKETS)")
+        if cuda_graphs and (device == "cpu" or not buckets):
+            raise StartupError("CUDA graphs need device=cuda (or auto) and candidate buckets "
+                               "(POLARITY_INFERENCE_BUCKETS)")
+        cuda_graphs = cuda_graphs and self.accelerator == CUDA  # auto on a machine without a usable GPU: none
         device_type = "cuda" if self.accelerator == CUDA else "cpu"
         stats_width = int(self.session.get_inputs()[INPUT_NAMES.index("user_stats")].shape[1])
         self.bound = {id(sess): BucketedRuns(sess, buckets=buckets, seq_len=manifest.seq_len, n_stats=stats_width,
@@ -162,18 +175,19 @@ class OnnxBackend:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise StartupError(f"{path}: ONNX Runtime cannot open the model: {exc}") from exc
         if self.accelerator is not None and session.get_providers()[:1] != [self.accelerator]:
-            raise StartupError(f"device={self.requested} was requested but ONNX Runtime runs {path.name} on "
-                               f"{session.get_providers()} (the {self.accelerator} failed to initialise: no usable "
-                               "device or driver; see the ONNX Runtime log)")
+            raise _AcceleratorUnusable(
+                f"device={self.requested} was requested but ONNX Runtime runs {path.name} on "
+                f"{session.get_providers()} (the {self.accelerator} failed to initialise: no usable device or driver; "
+                "see the ONNX Runtime log)")
         profile = profiled_run(session, probe_feed(session)) if self.accelerator is not None else None
         where = placement(session, accelerator=self.accelerator, profile=profile)
         if where.fallbacks:
             shown = ", ".join(where.fallbacks[:10]) + (f" and {len(where.fallbacks) - 10} more"
                                                        if len(where.fallbacks) > 10 else "")
-            raise StartupError(f"device={self.requested}: {len(where.fallbacks)} compute node(s) of {path.name} "
-                               f"would run on the CPU instead of {self.accelerator}, copying their data across "
-                               f"at every call: {shown}. Serve with --device cpu, or use an ONNX Runtime build "
-                               "with kernels for these ops")
+            raise _AcceleratorUnusable(
+                f"device={self.requested}: {len(where.fallbacks)} compute node(s) of {path.name} would run on the CPU "
+                f"instead of {self.accelerator}, copying their data across at every call: {shown}. Serve with "
+                "--device cpu, or use an ONNX Runtime build with kernels for these ops")
         return session, where
 
     @property

@@ -110,6 +110,20 @@ def test_compute_nodes_off_the_accelerator_refuse_the_backend(tiny_bundle: Any,
     assert listed.startswith(("MatMul", "Gemm", "FusedMatMul", "TAPFGate")), listed[:200]  # the heavy ones first
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider")
+@pytest.mark.parametrize("accelerator", [AZURE, CUDA])
+def test_device_auto_serves_on_the_cpu_when_the_accelerator_is_unusable(
+        tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, accelerator: str) -> None:
+    """Where device=cuda refuses (a provider that did not start, compute nodes left to the CPU), device=auto serves
+    on the CPU and says why in the log."""
+    monkeypatch.setattr(inference, "choose_providers", lambda device, **kw: [(accelerator, {}), (CPU, {})])
+    caplog.set_level("WARNING", logger="polarity.service")
+    backend = OnnxBackend(load_manifest(tiny_bundle.bundle), device="auto", intra_op_threads=1)
+    assert backend.provider == CPU and backend.accelerator is None and not backend.placement.fallbacks
+    assert backend.run(_inputs(load_manifest(tiny_bundle.bundle), n=3))["probs"].shape == (3,)
+    assert any("device=auto" in r.getMessage() and "serving on the CPU" in r.getMessage() for r in caplog.records)
+
+
 def test_placement_counts_only_float_producing_nodes_as_compute(tiny_bundle: Any) -> None:
     """Shape arithmetic (int64 outputs) may stay on the CPU in a GPU session; float-producing nodes may not. With
     the CPU provider as the accelerator nothing is off it; with the stand-in, the executed nodes that produced
