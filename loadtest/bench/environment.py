@@ -100,9 +100,10 @@ def process_cpu_s(pid: int) -> float:
 @contextlib.contextmanager
 def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, threads: int = THREADS,
                  shards: int = 1, workers: int = 1, spinning: bool = False, startup_timeout_s: float = 180.0,
-                 settings: dict[str, Any] | None = None, cpus: set[int] | None = None) -> Iterator[ServerURL]:
+                 settings: dict[str, Any] | None = None, cpus: set[int] | None = None,
+                 root: Path = PROJECT_ROOT) -> Iterator[ServerURL]:
     """The service in a subprocess with the given backend (and any other `settings`, pinned to `cpus` when
-    given); yields its URL once /readyz answers 200."""
+    given), running the code of the checkout at `root`; yields its URL once /readyz answers 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "loadtest.harness.bench_server", "--bundle", str(env.run.bundle), "--redis-url",
            env.redis_url, "--port", str(port), "--threads", str(threads), "--shards", str(shards),
@@ -117,7 +118,7 @@ def bench_server(env: BenchEnv, *, backend: str = "onnx", kernel: bool = True, t
         proc_env["POLARITY_TAPF_KERNEL"] = "off"
     log_path = env.root / f"server-{backend}-{'k' if kernel else 'nok'}-{port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=proc_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=root, env=proc_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, log_path=log_path, timeout_s=startup_timeout_s)
