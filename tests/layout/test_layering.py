@@ -186,3 +186,11 @@ def test_the_polarity_parser_loads_no_training_stack() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_device_checks_import_path_still_works() -> None:
+    """`shared/devcheck/prepare.sh` imports `loadtest.random_bundle.random_run` (the pre-layering path)."""
+    from loadtest.harness.random_bundle import random_run
+    from loadtest.random_bundle import random_run as old_path
+
+    assert old_path is random_run
