@@ -25,6 +25,9 @@ ARCHITECTURES: dict[str, str] = {
     "transformer": "model.models.transformer:TransformerCTR",
     "onetrans": "model.models.onetrans:OneTrans",
     "dual_stream": "model.models.dual_stream:DualStream",
+    "hyformer": "model.models.hyformer:HyFormer",
+    "mixformer": "model.models.mixformer:MixFormer",
+    "sine": "model.models.sine:SINE",
 }
 assert set(ARCHITECTURES) == set(ARCH_OPTIONS), "every architecture needs its options class and its model class"
 

@@ -24,6 +24,9 @@ AGGREGATE_TOKENS = ("all", "final")
 class ArchOptions:
     """Base of every architecture's own options."""
 
+    def check(self, config: ModelConfig) -> None:
+        """Refuse (SpecError) options that do not fit the rest of the config; called by `ModelConfig`."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class TargetAttentionOptions(ArchOptions):
@@ -56,12 +59,78 @@ class OneTransOptions(ArchOptions):
             raise SpecError(f"pyramid_final must be in (0, 1], got {self.pyramid_final}")
 
 
+@dataclass(frozen=True, kw_only=True)
+class DualStreamOptions(TargetAttentionOptions):
+    """Dual stream; with `contrastive_weight` > 0 the dual encoder's contrastive term is added to the training
+    loss (`DualStream.auxiliary_loss`; the served model is the same)."""
+
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.contrastive_weight < 0 or self.contrastive_temperature <= 0:
+            raise SpecError("contrastive_weight must be >= 0 and contrastive_temperature > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryTokenOptions(ArchOptions):
+    """HyFormer and MixFormer: query tokens per candidate read the sequence layer by layer (`models.unified`)."""
+
+    # Encoded placement: TAPF gates each final sequence state plus its own RMS-normalised input token.
+    gate_token_skip: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class HyFormerOptions(QueryTokenOptions):
+    n_global_tokens: int = 2  # global query tokens N_q; Query Boosting mixes N_q + 2 tokens
+
+    def check(self, config: ModelConfig) -> None:
+        if self.n_global_tokens < 1 or config.d_model % (self.n_global_tokens + 2):
+            raise SpecError(f"hyformer mixes n_global_tokens + 2 = {self.n_global_tokens + 2} tokens: d_model "
+                            f"({config.d_model}) must be divisible by it")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixFormerOptions(QueryTokenOptions):
+    n_mix_heads: int = 4  # non-sequential heads N (head mixing splits d into N slices)
+
+    def check(self, config: ModelConfig) -> None:
+        if self.n_mix_heads < 1 or config.d_model % self.n_mix_heads:
+            raise SpecError(f"mixformer: d_model ({config.d_model}) must be divisible by n_mix_heads "
+                            f"({self.n_mix_heads})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SINEOptions(ArchOptions):
+    n_interests: int = 3  # sub-interest prototypes K
+    cross_interest_weight: float = 0.5  # beta on attention across sub-interests (1 within one)
+    rand_weight: float = 0.5  # L1: BPR of the next positive against a random catalogue item
+    feedback_weight: float = 0.5  # L2: BPR of the next positive against the skip right before it
+    dcor_weight: float = 0.1  # L_dis: distance correlation of the prototypes
+
+    def __post_init__(self) -> None:
+        if self.n_interests < 2:
+            raise SpecError(f"sine needs at least 2 sub-interests, got {self.n_interests}")
+        if not 0.0 <= self.cross_interest_weight <= 1.0:
+            raise SpecError(f"cross_interest_weight must be in [0, 1], got {self.cross_interest_weight}")
+        if min(self.rand_weight, self.feedback_weight, self.dcor_weight) < 0:
+            raise SpecError("sine's loss weights must be >= 0")
+
+    def check(self, config: ModelConfig) -> None:
+        if config.uses_tapf:
+            raise SpecError("sine has no per-token candidate pooling for TAPF to gate; use seq_variant mix-pbe or pos")
+
+
 # Architecture name -> its options class. `model.models.ARCHITECTURES` maps the same names to model classes.
 ARCH_OPTIONS: dict[str, type[ArchOptions]] = {
     "din": TargetAttentionOptions,
     "transformer": TargetAttentionOptions,
     "onetrans": OneTransOptions,
-    "dual_stream": TargetAttentionOptions,
+    "dual_stream": DualStreamOptions,
+    "hyformer": HyFormerOptions,
+    "mixformer": MixFormerOptions,
+    "sine": SINEOptions,
 }
 ARCHS = tuple(ARCH_OPTIONS)
 
@@ -82,6 +151,8 @@ class ModelConfig:
     tapf_placement: str = "encoded"
     d_polarity: int = 16  # d_p, width of TAPF's polarity embedding b_p (eq. 4)
     event_embedding: bool = False  # learned embedding per event type (click/like/skip/dislike)
+    # HNT-style weak signals (`model.modules.weak_signals`): hesitation token type + negative-transfer gate.
+    weak_signals: bool = False
     head_hidden: tuple[int, ...] = (128, 64)
     options: ArchOptions | None = None  # the arch's own options; None = its defaults
 
@@ -101,6 +172,8 @@ class ModelConfig:
             raise SpecError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.arch == "dual_stream" and self.uses_tapf:
             raise SpecError("dual_stream separates polarities structurally; use seq_variant mix-pbe or pos")
+        assert self.options is not None
+        self.options.check(self)
 
     @property
     def uses_tapf(self) -> bool:

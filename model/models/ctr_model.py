@@ -29,6 +29,7 @@ class SequenceCTRModel(nn.Module):
             n_items=spec.n_items, n_categories=spec.n_categories, n_events=max(len(spec.event_types), 1),
             seq_len=spec.sequence.seq_len, d_model=config.d_model,
             polarity_embedding=config.uses_polarity_embedding, event_embedding=config.event_embedding,
+            weak_signals=config.weak_signals,
         )
         self.gate = TAPFGate(d_model=config.d_model, d_polarity=config.d_polarity) if config.uses_tapf else None
         # History statistics (log counts up to log1p(stats_cap), a rate, log1p(seconds since last event),
@@ -70,6 +71,11 @@ class SequenceCTRModel(nn.Module):
         """(U, S) raw history statistics -> (U, S) on comparable ranges (see `stats_scale`)."""
         scaled: Tensor = stats * self.stats_scale
         return scaled
+
+    def auxiliary_loss(self, inputs: dict[str, Tensor | None], labels: Tensor) -> Tensor | None:
+        """A training-only loss term the trainer adds to its BCE for a batch (`inputs` as `forward` takes them,
+        labels (N,)); None for models that have none. Logits stay in `forward`, losses in training."""
+        return None
 
     def gated(self, tokens: Tensor, polarity: Tensor, cand: Tensor, cand_user: Tensor | None) -> Tensor:
         """TAPF per candidate: (U, L, d) -> (N, L, d)."""

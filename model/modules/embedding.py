@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from model.modules.weak_signals import WeakSignals
+
 
 class BehaviourEmbedding(nn.Module):
     """Item (+ category) + polarity bias (PBE) + position (+ event type) per token; item + category per candidate.
@@ -14,13 +16,14 @@ class BehaviourEmbedding(nn.Module):
     """
 
     def __init__(self, *, n_items: int, n_categories: int, n_events: int, seq_len: int, d_model: int,
-                 polarity_embedding: bool, event_embedding: bool) -> None:
+                 polarity_embedding: bool, event_embedding: bool, weak_signals: bool = False) -> None:
         super().__init__()
         self.item = nn.Embedding(n_items, d_model, padding_idx=0)
         self.category = nn.Embedding(n_categories, d_model, padding_idx=0)
         self.position = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)  # (L, d), left-padded
         self.polarity = nn.Embedding(3, d_model) if polarity_embedding else None  # rows p = -1, pad, +1
         self.event = nn.Embedding(n_events, d_model) if event_embedding else None
+        self.weak_signals = WeakSignals(d_model=d_model) if weak_signals else None  # HNT hesitation + transfer
         for table in (self.item, self.category):
             nn.init.normal_(table.weight, std=0.05)
             table.weight.data[0].zero_()
@@ -36,6 +39,8 @@ class BehaviourEmbedding(nn.Module):
             h = h + self.polarity(seq_polarity + 1)
         if self.event is not None:
             h = h + self.event(seq_event)
+        if self.weak_signals is not None:
+            h = self.weak_signals(h, seq_item, seq_polarity, seq_mask)
         out: Tensor = h * seq_mask.unsqueeze(-1).to(h.dtype)
         return out
 

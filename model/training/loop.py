@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.data.events import EventTable
 from model.features.inputs import InputArrays
 from model.models import build_model
+from model.models.ctr_model import SequenceCTRModel
 from model.progress import progress_bar
 from model.training.batches import prefetch, rows_of, to_tensors
 from model.training.checkpoint import resume_state, save_checkpoint
@@ -108,7 +109,11 @@ def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module,
             # DDP all-reduces on the last micro-batch's backward only.
             sync = ctx.distributed and i < len(chunks) - 1
             with net.no_sync() if sync else _nullcontext():  # type: ignore[operator]
-                part = loss_fn(net(**rows_of(tensors, lo, hi)), targets[lo:hi]) * weight
+                rows = rows_of(tensors, lo, hi)
+                part = loss_fn(net(**rows), targets[lo:hi])
+                # A model's own training-only term (SINE's multi-task losses, the dual encoder's contrastive term).
+                aux = _unwrapped(net).auxiliary_loss(rows, targets[lo:hi])
+                part = (part if aux is None else part + aux) * weight
                 part.backward()
             loss += part.detach()
         opt.step()
@@ -117,6 +122,11 @@ def _train_epoch(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: nn.Module,
         counts["positives"] += float(labels.sum())
         bar.update(global_n)
         bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def _unwrapped(net: nn.Module) -> SequenceCTRModel:
+    """The model under a DistributedDataParallel wrapper (or the model itself)."""
+    return cast(SequenceCTRModel, net.module if isinstance(net, DistributedDataParallel) else net)
 
 
 def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None, progress: bool = True,
