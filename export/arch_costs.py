@@ -34,7 +34,7 @@ def bundle_request_ms(bundle: Path, *, n_candidates: int = 500, threads: int = 1
     import onnxruntime as ort
 
     from export.bundle import load_manifest
-    from export.onnx_export import random_inputs
+    from export.reference import random_inputs
 
     manifest = load_manifest(bundle)
     opts = ort.SessionOptions()
@@ -62,13 +62,13 @@ def frontier(points: list[tuple[float, float]]) -> list[bool]:
 
 
 def measure(rq1_dir: Path, *, n_candidates: int, threads: int) -> list[dict[str, Any]]:
-    from export.onnx_export import export_bundle
+    from export.pipeline import export_bundle
 
     raw = json.loads((rq1_dir / "rq1.json").read_text())
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in raw["runs"]:
         groups.setdefault((r["arch"], r["seq"], r["setting"]), []).append(r)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (arch, seq, setting), runs in groups.items():
         aucs = np.array([r["test"]["auc"] for r in runs], dtype=np.float64)
         first = min(runs, key=lambda r: r["seed"])

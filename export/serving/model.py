@@ -12,10 +12,12 @@ from export.bundle import ATTENTION_NAME, OUTPUT_NAME
 from export.reference import ExportError
 from export.serving.folded import FoldedTAPFGate, FoldedTargetAttention
 from export.serving.onetrans import ServingOneTrans
+from export.serving.unified import SERVING_MODULES, ServingQueryTokenCTR
 from model.models.ctr_model import SequenceCTRModel
 from model.models.din import DIN, target_head_logits
 from model.models.onetrans import OneTrans
 from model.models.transformer import TransformerCTR
+from model.models.unified import QueryTokenCTR
 from model.modules.attention import TargetAttention
 from model.modules.polarity_gate import TAPFGate
 
@@ -47,6 +49,12 @@ ATTENTION_SOURCES = {
     "onetrans": "aggregation attention of the candidate's NS tokens over the S tokens (gated), averaged over the "
                 "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0",
     "dual_stream": "target attention of each polarity stream over its own tokens, halved so a row sums to 1",
+    "hyformer": "read-out attention of the candidate's global and non-sequential tokens over the final (gated) "
+                "sequence states, averaged over the tokens",
+    "mixformer": "read-out attention of the candidate's non-sequential heads over the final (gated) sequence "
+                 "states, averaged over the heads",
+    "sine": "the encoder's attention from the most recent token over the history (last layer, averaged over heads, "
+            "renormalised after the sub-interest weighting); the same for every candidate of a user",
 }
 
 class ServingModel(nn.Module):
@@ -99,6 +107,8 @@ class ServingModel(nn.Module):
                     setattr(parent, name, FoldedTAPFGate(child))
                 elif isinstance(child, TargetAttention):
                     setattr(parent, name, FoldedTargetAttention(child))
+                elif type(child) in SERVING_MODULES:  # HyFormer's / MixFormer's cross-attention
+                    setattr(parent, name, SERVING_MODULES[type(child)](child))
         scorer: nn.Module | None = None
         literal = served.gate is not None and served.config.tapf_placement == "input"
         if isinstance(served, OneTrans) and not literal:
@@ -106,6 +116,8 @@ class ServingModel(nn.Module):
         elif fuse_pooling and served.gate is not None and (
                 isinstance(served, DIN) or (isinstance(served, TransformerCTR) and not literal)):
             scorer = ServingTargetAttentionCTR(served)
+        elif fuse_pooling and served.gate is not None and isinstance(served, QueryTokenCTR) and not literal:
+            scorer = ServingQueryTokenCTR(served)
         for p in served.parameters():
             p.requires_grad_(False)
         return cls(served, attention=attention, scorer=scorer).eval()
