@@ -67,7 +67,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from model.experiments.runner import run_experiment
 
     path = run_experiment(args.name, data=args.data, out=Path(args.out), seeds=args.seeds,
-                          archs=args.archs.split(","), train_overrides=args.train_overrides, jobs=args.jobs)
+                          archs=args.archs.split(","), train_overrides=args.train_overrides, jobs=args.jobs,
+                          variants=tuple(args.variants.split(",")))
     print(path.read_text())
     print(f"tables and plots in {args.out}")
     return 0
@@ -116,7 +117,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("name", choices=("rq1", "length", "ratio", "ablation"))
     p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
     p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
-    p.add_argument("--archs", default="din,transformer,onetrans", help=f"comma-separated, of {', '.join(ARCHS)}")
+    p.add_argument("--archs", default="din,transformer,onetrans",
+                   help=f"comma-separated, of {', '.join(ARCHS)}, and dual_encoder (dual_stream with its contrastive "
+                        "term)")
+    p.add_argument("--variants", default="pos,pos-tapf,mix-pbe,mix-tapf",
+                   help="rq1: the sequence variants to train (each arch takes those it supports)")
     p.add_argument("--train-overrides", type=json_object, default={}, metavar="JSON",
                    help="TrainConfig fields for every run")
     p.add_argument("--jobs", type=int, default=1,

@@ -19,6 +19,15 @@ RATIOS = tuple(round(0.1 * i, 1) for i in range(11))
 
 ABLATION_MODES = ("random_universe", "random_history", "random_polarity", "grouped")
 
+# `--archs` names that are a model with a training option rather than an architecture of their own:
+# name -> (arch, the runs' setting, model overrides).
+ARCH_PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "dual_encoder": ("dual_stream", "contrastive", {"contrastive_weight": 0.5}),
+}
+
+# Ablation settings that are model options: setting -> model overrides.
+ABLATION_OPTIONS: dict[str, dict[str, Any]] = {"weak_signals": {"weak_signals": True}}
+
 
 @dataclass(frozen=True)
 class Run:
@@ -27,7 +36,7 @@ class Run:
     arch: str
     seq: str
     seed: int
-    setting: str = ""  # "" | "L50" | "r0.3" | an ablation mode
+    setting: str = ""  # "" | "L50" | "r0.3" | an ablation mode or model option | a preset's setting
     fields: tuple[tuple[str, Any], ...] = ()  # TrainConfig fields this run sets
 
     def key(self, experiment: str) -> str:
@@ -39,14 +48,21 @@ class Run:
         return self.arch, self.seq, self.setting
 
 def supported(arch: str, seq: str) -> bool:
-    """Whether the model config accepts this arch × sequence variant (dual_stream has no TAPF)."""
+    """Whether the model config accepts this arch (or preset) × sequence variant (dual_stream and SINE have no
+    TAPF)."""
+    arch = ARCH_PRESETS[arch][0] if arch in ARCH_PRESETS else arch
     try:
         ModelConfig(arch=arch, seq_variant=seq)
     except SpecError:
         return False
     return True
 
-def plan(name: str, *, archs: list[str], seeds: int) -> list[Run]:
+def _model_fields(overrides: dict[str, Any], *rest: tuple[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Run fields that set model overrides (as sorted pairs: a Run stays hashable)."""
+    return (("model_overrides", tuple(sorted(overrides.items()))), *rest)
+
+
+def plan(name: str, *, archs: list[str], seeds: int, variants: tuple[str, ...] = RQ1_VARIANTS) -> list[Run]:
     """The runs an experiment needs, in execution order."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {EXPERIMENTS}")
@@ -57,7 +73,10 @@ def plan(name: str, *, archs: list[str], seeds: int) -> list[Run]:
     runs: list[Run] = []
     for seed in range(seeds):
         if name == "rq1":
-            runs += [Run(a, v, seed) for a in archs for v in RQ1_VARIANTS if supported(a, v)]
+            for a in archs:
+                arch, setting, model = ARCH_PRESETS.get(a, (a, "", {}))
+                fields = _model_fields(model) if model else ()
+                runs += [Run(arch, v, seed, setting, fields) for v in variants if supported(a, v)]
         elif name == "length":
             runs += [Run(archs[0], v, seed, f"L{n}", (("seq_len", n),)) for n in LENGTHS for v in ("pos", "mix-tapf")
                      if supported(archs[0], v)]
@@ -70,10 +89,16 @@ def plan(name: str, *, archs: list[str], seeds: int) -> list[Run]:
             runs.append(Run(a, "pos", seed, "", (("seq_mode", None),)))
             runs.append(Run(a, "mix-tapf", seed, "", (("seq_mode", None),)))
             runs += [Run(a, "mix-tapf", seed, m, (("seq_mode", m),)) for m in ABLATION_MODES]
+            runs += [Run(a, "mix-tapf", seed, m, _model_fields(o, ("seq_mode", None)))
+                     for m, o in ABLATION_OPTIONS.items()]
             runs.append(Run("dual_stream", "mix-pbe", seed, "", (("seq_mode", None),)))
+            _, setting, model = ARCH_PRESETS["dual_encoder"]
+            runs.append(Run("dual_stream", "mix-pbe", seed, setting, _model_fields(model, ("seq_mode", None))))
     return runs  # seed-major: an interrupted experiment already has every setting for its first seeds
 
 def train_config(run: Run, *, data: str, overrides: dict[str, Any]) -> TrainConfig:
     """The run's TrainConfig: user overrides, then the experiment's own fields on top."""
-    fields = {**overrides, **dict(run.fields), "data": data, "arch": run.arch, "seq": run.seq, "seed": run.seed}
-    return TrainConfig.from_dict(fields)
+    own = dict(run.fields)
+    model = {**overrides.get("model_overrides", {}), **dict(own.pop("model_overrides", ()))}
+    fields = {**overrides, **own, "data": data, "arch": run.arch, "seq": run.seq, "seed": run.seed}
+    return TrainConfig.from_dict({**fields, "model_overrides": model} if model else fields)

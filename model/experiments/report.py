@@ -9,15 +9,19 @@ from typing import Any
 import numpy as np
 
 from model.experiments.diagnostics import ATTENTION_SAMPLES
-from model.experiments.plan import ABLATION_MODES, LENGTHS, RATIOS, RQ1_VARIANTS
+from model.experiments.plan import ABLATION_MODES, ABLATION_OPTIONS, ARCH_PRESETS, LENGTHS, RATIOS, RQ1_VARIANTS
 
 METRICS = ("auc", "gauc", "logloss")
 
 SEQ_LABEL = {"pos": "Pos Seq", "pos-tapf": "Pos Seq + TAPF", "mix-pbe": "Mix Seq + PB", "mix-tapf": "Mix Seq + TAPF"}
 
-ARCH_TYPE = {"din": "Two-Stage", "transformer": "Two-Stage", "onetrans": "Unified Block", "dual_stream": "Dual-Stream"}
+ARCH_TYPE = {"din": "Two-Stage", "transformer": "Two-Stage", "onetrans": "Unified Block", "hyformer": "Unified Block",
+             "mixformer": "Unified Block", "dual_stream": "Dual-Stream", "sine": "Negative feedback",
+             "dual_encoder": "Negative feedback"}
 
-ARCH_LABEL = {"din": "DIN", "transformer": "Transformer", "onetrans": "OneTrans", "dual_stream": "Dual-Stream"}
+ARCH_LABEL = {"din": "DIN", "transformer": "Transformer", "onetrans": "OneTrans", "hyformer": "HyFormer",
+              "mixformer": "MixFormer", "dual_stream": "Dual-Stream", "sine": "SINE",
+              "dual_encoder": "Dual encoder + contrastive"}
 
 ABLATION_LABEL = {
     "pos": "Pos Seq",
@@ -27,6 +31,8 @@ ABLATION_LABEL = {
     "random_polarity": "Random polarity (shuffled polarity labels)",
     "grouped": "Polarity-grouped concat",
     "dual_stream": "Dual-stream encoder (Mix + PB)",
+    "dual_encoder": "Dual encoder + contrastive term (Mix + PB)",
+    "weak_signals": "Mixed Seq + HNT weak signals (hesitation type, negative-transfer gate)",
 }
 
 TITLES = {
@@ -89,8 +95,18 @@ def _plt() -> Any:
 
     return plt
 
+def _model_key(arch: str, setting: str) -> str:
+    """A row's model: the arch, or the preset its setting stands for (the contrastive dual encoder)."""
+    return next((name for name, (a, s, _) in ARCH_PRESETS.items() if (a, s) == (arch, setting)), arch)
+
+
+def _model_label(arch: str, setting: str) -> str:
+    key = _model_key(arch, setting)
+    return ARCH_LABEL.get(key, key)
+
+
 def _render_rq1(groups: Groups, png: Path) -> str:
-    archs = list(dict.fromkeys(a for a, _, _ in groups))
+    models = list(dict.fromkeys((a, s) for a, _, s in groups))  # (arch, setting): a preset is its own model
     lines = [
         "Δ: absolute AUC change vs Pos Seq of the same model. Imp.: plain relative AUC change, AUC/AUC_pos − 1 "
         "(the paper's Table 2 \"Imp.\"). RelaImpr: (AUC − 0.5)/(AUC_pos − 0.5) − 1 (improvement over random).\n",
@@ -99,11 +115,11 @@ def _render_rq1(groups: Groups, png: Path) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     last_type = None
-    for arch in archs:
-        base = _mean(groups.get((arch, "pos", ""), {}).get("auc"))
+    for arch, setting in models:
+        base = _mean(groups.get((arch, "pos", setting), {}).get("auc"))
         first = True
         for v in RQ1_VARIANTS:
-            g = groups.get((arch, v, ""))
+            g = groups.get((arch, v, setting))
             if g is None:
                 continue
             a = _mean(g["auc"])
@@ -112,20 +128,20 @@ def _render_rq1(groups: Groups, png: Path) -> str:
             imp = "—" if is_base else _signed(a / base - 1, 2, pct=True)
             # RelaImpr is undefined when the baseline is no better than random.
             rela = "—" if is_base or base <= 0.5 else _signed((a - 0.5) / (base - 0.5) - 1, 2, pct=True)
-            typ = ARCH_TYPE.get(arch, arch)
-            lines.append(f"| {typ if typ != last_type else ''} | {ARCH_LABEL.get(arch, arch) if first else ''} "
+            typ = ARCH_TYPE.get(_model_key(arch, setting), arch)
+            lines.append(f"| {typ if typ != last_type else ''} | {_model_label(arch, setting) if first else ''} "
                          f"| {SEQ_LABEL[v]} | {_pm(g['auc'])} | {delta} | {imp} | {rela} | {_pm(g['gauc'])} "
                          f"| {_pm(g['logloss'])} | {g['seeds']} |")
             last_type, first = typ, False
 
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 + 1.6 * len(archs)), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 + 1.6 * len(models)), 4))
     width = 0.8 / len(RQ1_VARIANTS)
     aucs: list[float] = []
     for j, v in enumerate(RQ1_VARIANTS):
         xs, ys, es = [], [], []
-        for i, arch in enumerate(archs):
-            g = groups.get((arch, v, ""))
+        for i, (arch, setting) in enumerate(models):
+            g = groups.get((arch, v, setting))
             if g is not None and g["auc"] is not None:
                 xs.append(i + (j - 1.5) * width)
                 ys.append(g["auc"][0])
@@ -133,7 +149,7 @@ def _render_rq1(groups: Groups, png: Path) -> str:
         aucs += [y - e for y, e in zip(ys, es, strict=True)] + [y + e for y, e in zip(ys, es, strict=True)]
         ax.bar(xs, ys, width, yerr=es, capsize=3, label=SEQ_LABEL[v])
     _zoom(ax, aucs)
-    ax.set_xticks(range(len(archs)), [ARCH_LABEL.get(a, a) for a in archs])
+    ax.set_xticks(range(len(models)), [_model_label(a, s) for a, s in models], fontsize=8)
     ax.set_ylabel("test AUC")
     ax.set_title("RQ1: test AUC by model and sequence", fontsize=10)
     ax.legend(fontsize=8)
@@ -215,12 +231,15 @@ def _render_ablation(groups: Groups, png: Path) -> str:
     rows: list[tuple[str, str, dict[str, Any]]] = []  # (label key, sequence mode, group)
     for (arch, seq, setting), g in groups.items():
         if arch == "dual_stream":
-            rows.append(("dual_stream", "mix (two encoders)", g))
+            key = "dual_encoder" if setting == ARCH_PRESETS["dual_encoder"][1] else "dual_stream"
+            rows.append((key, "mix (two encoders)", g))
+        elif setting in ABLATION_OPTIONS:
+            rows.append((setting, "mix", g))
         elif seq == "pos":
             rows.append(("pos", "pos", g))
         else:
             rows.append((setting or "mix", setting or "mix", g))
-    order = ["pos", "mix", *ABLATION_MODES, "dual_stream"]
+    order = ["pos", "mix", *ABLATION_OPTIONS, *ABLATION_MODES, "dual_stream", "dual_encoder"]
     rows.sort(key=lambda r: order.index(r[0]))
     mixed = next((_mean(g["auc"]) for k, _, g in rows if k == "mix"), float("nan"))
     pos = next((_mean(g["auc"]) for k, _, g in rows if k == "pos"), float("nan"))
@@ -238,14 +257,16 @@ def _render_ablation(groups: Groups, png: Path) -> str:
     fig, ax = plt.subplots(figsize=(8, 4))
     ys = [_mean(g["auc"]) for _, _, g in rows]
     es = [g["auc"][1] if g["auc"] else 0.0 for _, _, g in rows]
-    colors = ["tab:gray" if k == "pos" else "tab:blue" if k == "mix" else "tab:orange" for k, _, _ in rows]
+    colors = ["tab:gray" if k == "pos" else "tab:blue" if k in ("mix", *ABLATION_OPTIONS) else "tab:orange"
+              for k, _, _ in rows]
     ax.bar(range(len(rows)), ys, yerr=es, capsize=3, color=colors)
     if np.isfinite(pos):
         ax.axhline(pos, ls="--", color="tab:gray", lw=1, label="Pos Seq")
         ax.legend(fontsize=8)
     _zoom(ax, [y + k * e for y, e in zip(ys, es, strict=True) for k in (-1, 1) if np.isfinite(y)])
     names = {"pos": "Pos", "mix": "Mixed", "random_universe": "Rand.\nuniverse", "random_history": "Rand.\nhistory",
-             "random_polarity": "Rand.\npolarity", "grouped": "Grouped\nconcat", "dual_stream": "Dual-\nstream"}
+             "random_polarity": "Rand.\npolarity", "grouped": "Grouped\nconcat", "dual_stream": "Dual-\nstream",
+             "dual_encoder": "Dual enc.\n+ contr.", "weak_signals": "+ HNT\nweak sig."}
     ax.set_xticks(range(len(rows)), [names[k] for k, _, _ in rows], fontsize=8)
     ax.set_ylabel("test AUC")
     ax.set_title("Negative-behaviour and sequence-construction ablation", fontsize=10)

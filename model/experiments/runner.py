@@ -14,7 +14,7 @@ import torch
 
 from model.data.loaders import load_events
 from model.experiments.diagnostics import ATTENTION_SAMPLES, attention_share
-from model.experiments.plan import Run, plan, train_config
+from model.experiments.plan import RQ1_VARIANTS, Run, plan, train_config
 from model.experiments.report import METRICS, write_report
 from model.machine import describe_machine
 from model.training.config import TrainConfig
@@ -55,9 +55,11 @@ def _record(run: Run, key: str, run_dir: Path, metrics: dict[str, Any], *, resum
     }
 
 def command_line(name: str, *, data: str, out: Path, seeds: int, archs: list[str],
-                 train_overrides: dict[str, Any]) -> str:
+                 train_overrides: dict[str, Any], variants: tuple[str, ...] = RQ1_VARIANTS) -> str:
     """The `polarity experiment` command that reproduces this experiment."""
     parts = ["polarity", "experiment", name, "--data", str(data), "--seeds", str(seeds), "--archs", ",".join(archs)]
+    if tuple(variants) != RQ1_VARIANTS:
+        parts += ["--variants", ",".join(variants)]
     if train_overrides:
         parts += ["--train-overrides", json.dumps(train_overrides, sort_keys=True)]
     parts += ["--out", str(out)]
@@ -68,19 +70,20 @@ def _train_run(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return train(TrainConfig.from_dict(cfg), out=Path(run_dir), progress=False)
 
 def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: list[str],
-                   train_overrides: dict[str, Any], jobs: int = 1) -> Path:
+                   train_overrides: dict[str, Any], jobs: int = 1, variants: tuple[str, ...] = RQ1_VARIANTS) -> Path:
     """Run (or resume) experiment `name`; write JSON, markdown tables and PNGs; return the table's path.
 
     `jobs` > 1 trains that many runs at once in worker processes (set `threads` in the overrides so
     they do not oversubscribe the cores); results do not depend on it."""
-    runs = plan(name, archs=archs, seeds=seeds)
+    runs = plan(name, archs=archs, seeds=seeds, variants=tuple(variants))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = load_events(data, source=str(train_overrides.get("source", "auto")))
     json_path = out / f"{name}.json"
     header = {
         "experiment": name,
-        "command": command_line(name, data=data, out=out, seeds=seeds, archs=archs, train_overrides=train_overrides),
+        "command": command_line(name, data=data, out=out, seeds=seeds, archs=archs, train_overrides=train_overrides,
+                                variants=tuple(variants)),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{describe_machine()}, torch {torch.__version__}",
         "data": {"path": str(data), "events": len(table), "users": len(table.user_keys),
