@@ -40,9 +40,12 @@ from model.features.spec import FeatureSpec, SequenceSpec
 from model.training.batches import to_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
-# Bundle name -> (arch, seq variant): the three archs with the TAPF gate, plus one without a gate.
+# Bundle name -> (arch, seq variant): every arch with the TAPF gate, and some without a gate.
 VARIANTS = {"onetrans": ("onetrans", "mix-tapf"), "din": ("din", "mix-tapf"),
-            "transformer": ("transformer", "mix-tapf"), "transformer-pbe": ("transformer", "mix-pbe")}
+            "transformer": ("transformer", "mix-tapf"), "transformer-pbe": ("transformer", "mix-pbe"),
+            "hyformer": ("hyformer", "mix-tapf"), "hyformer-pbe": ("hyformer", "mix-pbe"),
+            "mixformer": ("mixformer", "mix-tapf"), "mixformer-pbe": ("mixformer", "mix-pbe"),
+            "sine": ("sine", "mix-pbe")}
 GATED = [name for name, (_, seq) in VARIANTS.items() if seq.endswith("tapf")]
 SEQ_LEN, D_MODEL = 10, 16
 
@@ -257,7 +260,8 @@ def test_fuse_pooling_export_is_one_pooling_node_with_parity(exported: dict[str,
     bundle = export_bundle(ex.run_dir, tmp_path / "fused", fuse_pooling=True)
     model = _graph(bundle)
     onnx.checker.check_model(model)
-    pooling = TAPF_DOT_POOL_OP if arch.startswith("onetrans") else TAPF_MLP_POOL_OP
+    # The query-token archs end in OneTrans's dot-product read-out; DIN and the Transformer in target attention.
+    pooling = TAPF_DOT_POOL_OP if arch.startswith(("onetrans", "hyformer", "mixformer")) else TAPF_MLP_POOL_OP
     assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [pooling]
     functions = {(f.domain, f.name): f for f in model.functions}
     assert set(functions) == {(TAPF_DOMAIN, TAPF_OP), (TAPF_DOMAIN, pooling)}

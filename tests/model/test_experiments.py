@@ -123,16 +123,20 @@ def test_ablation_covers_modes_and_dual_stream(log_path: Path, tmp_path: Path) -
                                     train_overrides=OVERRIDES, jobs=2)
     header, *rows = _table_rows(md.read_text())
     modes = [r[header.index("Sequence mode")] for r in rows]
-    assert modes == ["pos", "mix", *planning.ABLATION_MODES, "mix (two encoders)"]
+    assert modes == ["pos", "mix", "mix", *planning.ABLATION_MODES, "mix (two encoders)", "mix (two encoders)"]
     assert all("±" in r[header.index("AUC")] for r in rows)
     raw = json.loads((tmp_path / "ablation.json").read_text())
     assert {(r["arch"], r["seq"], r["setting"]) for r in raw["runs"]} == {
-        ("din", "pos", ""), ("din", "mix-tapf", ""), ("dual_stream", "mix-pbe", ""),
+        ("din", "pos", ""), ("din", "mix-tapf", ""), ("din", "mix-tapf", "weak_signals"),
+        ("dual_stream", "mix-pbe", ""), ("dual_stream", "mix-pbe", "contrastive"),
         *(("din", "mix-tapf", m) for m in planning.ABLATION_MODES)}
-    # seq_mode reached the data side.
+    # seq_mode reached the data side; the model options reached the model.
     for r in raw["runs"]:
         cfg = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())["config"]
-        assert cfg["sequence"]["mode"] == (r["setting"] or ("pos" if r["seq"] == "pos" else "mix"))
+        mode = r["setting"] if r["setting"] in planning.ABLATION_MODES else "pos" if r["seq"] == "pos" else "mix"
+        assert cfg["sequence"]["mode"] == mode
+        assert cfg["model"]["weak_signals"] == (r["setting"] == "weak_signals")
+        assert (cfg["model"]["options"].get("contrastive_weight", 0) > 0) == (r["setting"] == "contrastive")
     # Dual-stream gives each polarity stream half of the attention by construction.
     dual = next(a for a in raw["attention"] if a["arch"] == "dual_stream")
     assert 0.0 <= dual["groups"]["all"]["pos"] <= 1.0

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from model.feature_spec import FeatureSpec, SequenceSpec, SpecError
-from model.models.config import ModelConfig, build_model
+from model.features.spec import FeatureSpec, SequenceSpec, SpecError
+from model.models import build_model
+from model.models.config import ModelConfig
 from model.models.mixformer import HeadCrossAttention
 from model.modules.sub_interest import SubInterests, intent_weights
 from model.modules.token_mixing import head_mixing
@@ -38,7 +39,8 @@ def _inputs(u: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _model(arch: str, variant: str, **extra: object) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelConfig(arch=arch, seq_variant=variant, d_model=16, n_heads=2, **extra), SPEC).eval()
+    cfg = ModelConfig.from_dict({"arch": arch, "seq_variant": variant, "d_model": 16, "n_heads": 2, **extra})
+    return build_model(cfg, SPEC).eval()
 
 
 @pytest.mark.parametrize(("arch", "variant"), COMBOS)
@@ -127,15 +129,17 @@ def test_mixformer_folded_cross_attention_is_the_papers_per_head_keys_and_values
 
 def test_unified_configs_refuse_token_counts_that_do_not_split_d() -> None:
     with pytest.raises(SpecError, match="hyformer"):
-        ModelConfig(arch="hyformer", d_model=16, n_global_tokens=3)  # 5 tokens do not split 16
+        ModelConfig.from_dict({"arch": "hyformer", "d_model": 16, "n_global_tokens": 3})  # 5 tokens do not split 16
     with pytest.raises(SpecError, match="mixformer"):
-        ModelConfig(arch="mixformer", d_model=16, n_mix_heads=3)
+        ModelConfig.from_dict({"arch": "mixformer", "d_model": 16, "n_mix_heads": 3})
     with pytest.raises(SpecError, match="sine"):
         ModelConfig(arch="sine", seq_variant="mix-tapf")
-    with pytest.raises(SpecError, match="contrastive_weight is a dual_stream option"):
-        ModelConfig(arch="onetrans", contrastive_weight=0.5)
+    with pytest.raises(SpecError, match=r"unknown key\(s\) \['contrastive_weight'\] for arch 'onetrans'"):
+        ModelConfig.from_dict({"arch": "onetrans", "contrastive_weight": 0.5})  # a dual_stream option
     with pytest.raises(SpecError, match="unknown key"):
-        ModelConfig.from_dict({"arch": "sine", "sine_interest": 4})
+        ModelConfig.from_dict({"arch": "sine", "n_interest": 4})
+    cfg = ModelConfig.from_dict({"arch": "sine", "n_interests": 4, "seq_variant": "mix-pbe"})
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # the options travel in the checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- SINE
@@ -242,7 +246,8 @@ def test_the_trainer_adds_a_models_auxiliary_loss(tmp_path: object, monkeypatch:
     from model.data.events import write_event_log
     from model.data.synthetic import SyntheticWorldConfig, generate
     from model.models.dual_stream import DualStream
-    from model.train import TrainConfig, train
+    from model.training.config import TrainConfig
+    from model.training.loop import train
 
     root = Path(str(tmp_path))
     log = write_event_log(generate(SyntheticWorldConfig(users=30, items=200, events=3000, seed=2)), root / "log.csv")

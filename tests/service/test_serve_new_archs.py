@@ -13,10 +13,10 @@ import pytest
 from bundle_factory import BuiltBundle, build_bundle
 from service_harness import serving
 
-from model.batch import inputs_from_sequences
 from model.data.events import NO_CATEGORY, read_event_log
-from model.samples import encode_events, history_table
-from model.sequence import build_sequences
+from model.data.samples import encode_events, history_table
+from model.features.inputs import inputs_from_sequences
+from model.features.sequence import build_sequences
 from service.settings import Settings
 
 pytestmark = [pytest.mark.redis, pytest.mark.asyncio]
