@@ -106,7 +106,9 @@ class SINEOptions(ArchOptions):
     n_interests: int = 3  # sub-interest prototypes K
     cross_interest_weight: float = 0.5  # beta on attention across sub-interests (1 within one)
     rand_weight: float = 0.5  # L1: BPR of the next positive against a random catalogue item
-    feedback_weight: float = 0.5  # L2: BPR of the next positive against the skip right before it
+    # L2: BPR of the next positive against the skip right before it. 0.1, not 0.5: with 0.5 the observed skips
+    # as negatives cost 0.017 valid AUC against 0.1 (single-seed probes, BENCHMARKS.md *RQ1 with every architecture*).
+    feedback_weight: float = 0.1
     dcor_weight: float = 0.1  # L_dis: distance correlation of the prototypes
 
     def __post_init__(self) -> None:

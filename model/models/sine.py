@@ -15,7 +15,8 @@ next-item task inside each training sequence. The state after token t-1 scores t
 (sum_k gamma_k o_k . e) against
 - a random catalogue item (L1, BPR against randomly sampled negatives), and
 - the passive negative right before it, when token t-1 is a negative (L2, BPR against observed negatives;
-  the authors' code pairs each positive with the skip just before it),
+  the authors' code pairs each positive with the skip just before it); this pair is scored by the state
+  before the skip (token t-2), which has read neither,
 plus the prototypes' distance correlation (L_dis). Weights `rand_weight`, `feedback_weight`,
 `dcor_weight` (`SINEOptions`).
 
@@ -104,19 +105,24 @@ class SINE(SequenceCTRModel):
         prev = states[:, :-1]  # (U, L-1) the state that predicts token t = 1..L-1
         targets = item[:, 1:]
         valid = mask[:, :-1] & (pol[:, 1:] > 0)  # a real state before a positive token
-        after_skip = valid & (pol[:, :-1] < 0)
         random_items = torch.randint(FIRST_ID_INDEX, max(self.spec.n_items, FIRST_ID_INDEX + 1), targets.shape,
                                      device=item.device)
         s_pos = self.bpr_scores(prev, self.embed.item(targets))
         s_rand = self.bpr_scores(prev, self.embed.item(random_items))
-        s_fdbk = self.bpr_scores(prev, self.embed.item(item[:, :-1]))
+        # L2 pairs positive t with the skip at t-1, both scored by the state before that skip (t-2): a state that
+        # has read the skip could lower it by pushing away from its own input, a shortcut the authors' code
+        # (which encodes positives only) does not offer.
+        before = states[:, :-2]  # (U, L-2) predicts tokens t = 2..L-1
+        after_skip = mask[:, :-2] & (pol[:, 1:-1] < 0) & (pol[:, 2:] > 0)
+        s_next = self.bpr_scores(before, self.embed.item(item[:, 2:]))
+        s_fdbk = self.bpr_scores(before, self.embed.item(item[:, 1:-1]))
 
         def mean_over(values: Tensor, where: Tensor) -> Tensor:
             w = where.to(values.dtype)
             return (values * w).sum() / w.sum().clamp_min(1.0)
 
         loss_rand = mean_over(F.softplus(s_rand - s_pos), valid)  # -log sigmoid(s_pos - s_rand)
-        loss_fdbk = mean_over(F.softplus(s_fdbk - s_pos), after_skip)
+        loss_fdbk = mean_over(F.softplus(s_fdbk - s_next), after_skip)
         z = self.interests.prototypes
         pairs = [(i, j) for i in range(z.shape[0]) for j in range(i + 1, z.shape[0])]
         loss_dis = sum((distance_correlation(z[i], z[j]) for i, j in pairs), start=z.new_zeros(()))
