@@ -36,7 +36,7 @@ def placement_cost(*, seq_len: int = 100, d_model: int = 64, candidates: tuple[i
            "seq_event": torch.where(polarity > 0, 1, 2), "seq_mask": torch.ones(1, seq_len, dtype=torch.bool),
            "user_stats": torch.rand(1, spec.n_stats, generator=g)}
     rows = []
-    for arch in ("din", "transformer", "onetrans"):
+    for arch in ("din", "transformer", "onetrans", "hyformer", "mixformer"):
         for placement in ("encoded",) if arch == "din" else ("encoded", "input"):
             model = build_model(ModelConfig(arch=arch, seq_variant="mix-tapf", d_model=d_model,
                                             tapf_placement=placement), spec).eval()

@@ -15,5 +15,6 @@ def test_placement_cost_table() -> None:
     header, *rows = _table_rows(body)
     assert header[:2] == ["model", "TAPF placement"] and len(header) == 4
     assert [(r[0], r[1]) for r in rows] == [("DIN", "encoded"), ("Transformer", "encoded"), ("Transformer", "input"),
-                                            ("OneTrans", "encoded"), ("OneTrans", "input")]
+                                            ("OneTrans", "encoded"), ("OneTrans", "input"), ("HyFormer", "encoded"),
+                                            ("HyFormer", "input"), ("MixFormer", "encoded"), ("MixFormer", "input")]
     assert all(float(c) > 0 for r in rows for c in r[2:])
