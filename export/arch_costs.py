@@ -29,6 +29,16 @@ MODEL_LABEL = {"din": "DIN", "transformer": "Transformer", "onetrans": "OneTrans
                "mixformer": "MixFormer", "dual_stream": "Dual-stream", "sine": "SINE"}
 
 
+MODEL_ORDER = ("din", "transformer", "onetrans", "hyformer", "mixformer", "sine", "dual_stream")
+
+
+def table_order(row: dict[str, Any]) -> tuple[int, str, int]:
+    """Rows by model (the RQ1 table's order), then sequence variant."""
+    arch = row["arch"]
+    return (MODEL_ORDER.index(arch) if arch in MODEL_ORDER else len(MODEL_ORDER), row["setting"],
+            list(SEQ_LABEL).index(row["seq"]) if row["seq"] in SEQ_LABEL else len(SEQ_LABEL))
+
+
 def bundle_request_ms(bundle: Path, *, n_candidates: int = 500, threads: int = 1, reps: int = 20) -> float:
     """Minimum wall time (ms) of one request (U=1, full history, N candidates) on the bundle's model.onnx."""
     import onnxruntime as ort
@@ -81,6 +91,7 @@ def measure(rq1_dir: Path, *, n_candidates: int, threads: int) -> list[dict[str,
                      "samples_per_s": float(np.mean([r["samples_per_s"] for r in runs])),
                      "ms": bundle_request_ms(bundle, n_candidates=n_candidates, threads=threads),
                      "bundle": str(bundle)})
+    rows.sort(key=table_order)
     for row, on in zip(rows, frontier([(r["auc_mean"], r["ms"]) for r in rows]), strict=True):
         row["frontier"] = on
     return rows
