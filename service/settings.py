@@ -1,4 +1,5 @@
-"""Service configuration: one pydantic-settings class, env prefix `POLARITY_`, unknown keys rejected.
+"""Service configuration: one pydantic-settings class, env prefix `POLARITY_`, unknown keys rejected, unknown
+`POLARITY_*` environment variables too (with the closest valid name: `unknown_environment_variables`).
 
 Built by the caller (the CLI, a test, a deployment) and passed to `service.app.create_app` — never
 at import time. Every field is also an environment variable, e.g. `POLARITY_REDIS_URL`.
@@ -6,8 +7,11 @@ at import time. Every field is also an environment variable, e.g. `POLARITY_REDI
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,12 +20,46 @@ from model.features.events import ENGAGEMENT_POLARITY, normalise_event_name
 
 Device = Literal["auto", "cpu", "cuda"]
 
+ENV_PREFIX = "POLARITY_"
+# POLARITY_* variables that are not settings but that other parts of the project read (so they are not typos).
+OTHER_ENV_VARIABLES: Mapping[str, str] = {
+    "POLARITY_TAPF_KERNEL": "export/custom_kernel.py: the fused TAPF kernel library, or off",
+    "POLARITY_REDIS_SERVER": "loadtest/harness/redis_server.py: the redis-server binary of tests and the demo",
+    "POLARITY_BUNDLE_DIR": "deploy/compose.yaml: the bundle directory mounted into the container",
+    "POLARITY_TEST_REDIS_URL": "tests: the Redis the suite uses",
+    "POLARITY_RELIABILITY_REPORT": "tests/reliability: the file figures are written to",
+    "POLARITY_SOAK_S": "tests/reliability/test_soak.py: soak duration",
+    "POLARITY_AUDIT_DIR": "tests/scale: where the audited CLI lists its writes",
+    "POLARITY_DASHBOARD_PREVIEWS": "tests/deploy: where dashboard previews are drawn",
+    "POLARITY_BENCH_BASELINE": "loadtest/bench/tax.py", "POLARITY_BENCH_MAX_SAMPLES": "loadtest/bench/big_logs.py",
+    "POLARITY_BENCH_PARALLEL": "loadtest/bench/big_logs.py", "POLARITY_BENCH_COMPILE_MODE": "loadtest/bench/inference.py",
+    "POLARITY_LOAD_CANDIDATES": "loadtest/locustfile.py", "POLARITY_LOAD_USERS": "loadtest/locustfile.py",
+    "POLARITY_LOAD_ITEMS": "loadtest/locustfile.py", "POLARITY_LOAD_EVENTS_SHARE": "loadtest/locustfile.py",
+    "POLARITY_LOAD_RATE": "loadtest/locustfile.py",
+}
+
+
+def unknown_environment_variables(environ: Mapping[str, str], fields: Mapping[str, Any]) -> list[str]:
+    """One message per POLARITY_* variable of `environ` that is neither a setting (a key of `fields`) nor in
+    OTHER_ENV_VARIABLES, naming the closest valid variable (a misspelt POLARITY_REDIS_ULR would otherwise
+    silently leave the default Redis in place)."""
+    valid = sorted({ENV_PREFIX + name.upper() for name in fields} | set(OTHER_ENV_VARIABLES))
+    problems = []
+    for key in sorted(environ):
+        name = key.upper()  # pydantic-settings reads the environment case-insensitively
+        if not name.startswith(ENV_PREFIX) or name in valid:
+            continue
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no setting has a similar name"
+        problems.append(f"unknown environment variable {key}: {hint}")
+    return problems
+
 
 
 class Settings(BaseSettings):
     """Everything the scoring service and the stream ingester read from their environment."""
 
-    model_config = SettingsConfigDict(env_prefix="POLARITY_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     # --- what to serve, where
     bundle: Path | None = Field(default=None, description="exported bundle directory (manifest.json, model.onnx)")
@@ -116,6 +154,15 @@ class Settings(BaseSettings):
     )
     served_log_stream: str = Field(default="polarity:served", min_length=1, description="served-feature stream")
     served_log_maxlen: int = Field(default=100_000, ge=1, description="approximate MAXLEN of that stream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_environment(cls, values: Any) -> Any:
+        problems = unknown_environment_variables(os.environ, cls.model_fields)
+        if problems:
+            raise ValueError("; ".join(problems) + " (settings: README, Service; a POLARITY_* variable that is "
+                             "not a setting is refused so that a typo cannot fall back to a default)")
+        return values
 
     @field_validator("event_polarity")
     @classmethod
