@@ -127,8 +127,18 @@ class Settings(BaseSettings):
     event_polarity: dict[str, int] = Field(default_factory=lambda: dict(ENGAGEMENT_POLARITY))
 
     # --- security and observability
-    api_key: SecretStr | None = Field(default=None, description="required on write/admin routes when set")
+    api_key: SecretStr | None = Field(
+        default=None, description="required on write/admin routes and on score requests with explain (they show "
+        "the user's history) when set",
+    )
+    require_api_key_for_scoring: bool = Field(
+        default=False, description="also require the API key on /v1/score and /v1/score:batch (needs api_key)",
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics on its own port")
+    serve_metrics: bool = Field(
+        default=True, description="serve /metrics on the API port when metrics_port is not set (false: nowhere)",
+    )
+    serve_docs: bool = Field(default=True, description="serve /docs and /openapi.json (false: 404)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- garbage collector
@@ -194,6 +204,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if self.require_api_key_for_scoring and self.api_key is None:
+            raise ValueError("require_api_key_for_scoring needs api_key (POLARITY_API_KEY)")
         if self.cuda_graphs and self.microbatch_max_wait_us:
             raise ValueError("cuda_graphs replays graphs of one user's sequence: turn micro-batching off "
                              "(microbatch_max_wait_us=0)")
