@@ -109,6 +109,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     explain_top_k: int = Field(default=5, ge=1, le=100)
 
+    # --- connections and load (service/http_protocol.py: what nginx would bound in front of the service;
+    # service/admission.py: in-flight requests and per-client rates)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="request line + headers; over: 431")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a request head must arrive within this; else 408")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request body must arrive within this after its "
+                                  "head; else 408")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(
+        default=0, ge=0, description="open connections; beyond, the one idle longest is closed (0 = the open-file "
+        "limit less a reserve for Redis and files)",
+    )
+    max_in_flight: int = Field(
+        default=256, ge=1, description="requests being handled at once on the scoring, event and V2 inference routes; "
+        "beyond, 503 with Retry-After at once (load shedding) rather than a queue that only adds latency",
+    )
+    rate_limit_per_client: float = Field(
+        default=0.0, ge=0.0, description="requests per second per client address on those routes (token bucket; "
+        "0 = off); beyond, 429 with Retry-After",
+    )
+    rate_limit_burst: int = Field(default=50, ge=1, description="bucket size of rate_limit_per_client")
+
     # --- Redis history store
     history_cap: int = Field(default=512, ge=1, description="events kept per user and polarity")
     history_ttl_s: int = Field(default=30 * 86400, ge=1)
