@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from export.bundle import Manifest
 from export.custom_kernel import kernel_status
+from service.admission import AdmissionMiddleware
 from service.errors import StartupError, install_error_handlers
 from service.event_mapping import EventMapping
 from service.event_writer import EventWriter
@@ -132,6 +133,8 @@ def create_app(
     # body limit's 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ErrorBoundaryMiddleware)
+    # Outside the body limit: shedding and rate limits answer before any byte of the body is read.
+    app.add_middleware(AdmissionMiddleware, settings=settings, metrics=service_metrics)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_paths=known)
     # Outermost: the request id and the access line cover every answer, the 413s and 500s included.
     app.add_middleware(RequestContextMiddleware, access_log_on=settings.access_log, tracer=tracer)
