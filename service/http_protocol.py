@@ -63,6 +63,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     warnings = ThrottledWarning(logger=log)
+    # uvicorn logs every unparseable request as an anonymous warning line; the guard logs it throttled, with the
+    # client's address (send_400_response below).
+    logging.getLogger("uvicorn.error").addFilter(_without_uvicorn_invalid_request_lines)
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -148,6 +151,11 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 self.cycle.disconnected = True  # for the app, the client is gone: its answer goes nowhere
                 self.cycle.message_event.set()
 
+        def send_400_response(self, msg: str) -> None:
+            warnings.warn("invalid-http", f"400 {msg}", client=client_address(self.client))
+            self.disarm()
+            super().send_400_response(msg)
+
         # ------------------------------------------------------------------------------------- bytes
         def data_received(self, data: bytes) -> None:
             self.last_active = time.monotonic()
@@ -185,3 +193,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
             super().on_message_complete()
 
     return GuardedHttpToolsProtocol
+
+
+def _without_uvicorn_invalid_request_lines(record: logging.LogRecord) -> bool:
+    return record.getMessage() != "Invalid HTTP request received."

@@ -16,6 +16,7 @@ from service.batch_scoring import score_batch_json
 from service.runtime import Runtime, get_runtime
 from service.schemas import BatchScoreRequest, BatchScoreResponse, ErrorResponse, ScoreRequest, ScoreResponse
 from service.security import check_api_key, require_scoring_key
+from service.unparseable_body import reason_from_parser_message
 
 router = APIRouter(tags=["score"], dependencies=[Depends(require_scoring_key)])
 EXPLAIN_NEEDS_KEY = "explain shows the user's history: it needs the API key"
@@ -46,6 +47,9 @@ def parse_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
         return ScoreRequest.model_validate_json(body)
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
+        if errors and errors[0]["type"] == "json_invalid":  # say what is wrong: not UTF-8, where, too deep
+            errors = [{"type": "json_invalid", "loc": ("body",), "input": None,
+                       "msg": reason_from_parser_message(body, str(errors[0]["msg"]))}]
         raise RequestValidationError(errors) from None
 
 
