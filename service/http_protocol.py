@@ -158,6 +158,8 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
 
         # ------------------------------------------------------------------------------------- bytes
         def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():  # refused or evicted: what still arrives is dropped unread
+                return
             self.last_active = time.monotonic()
             if self.in_head:
                 if self.deadline is None:  # the first byte of the next request on a kept-alive connection

@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.runtime import get_runtime
-from service.security import API_KEY_HEADER, require_api_key
+from service.security import API_KEY_HEADER, require_api_key, require_scoring_key
 
 SECURITY_SCHEMES = {
     "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER,
@@ -135,7 +135,8 @@ def polarity_openapi(app: FastAPI, routers: Sequence[APIRouter]) -> dict[str, An
             continue
         for method in route.methods or ():
             op = doc["paths"][route.path_format][method.lower()]
-            if _depends_on(route, require_api_key):
+            scoring_key = _depends_on(route, require_scoring_key) and app.state.settings.require_api_key_for_scoring
+            if _depends_on(route, require_api_key) or scoring_key:
                 op["security"] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
             if _depends_on(route, get_runtime):
                 op["responses"].setdefault("503", copy.deepcopy(NOT_READY))

@@ -88,6 +88,9 @@ def test_security_scheme_is_on_the_routes_that_need_the_key(make_settings: Setti
     secured = {(p, m) for p, m, op in _operations(doc) if "security" in op}
     assert secured == {("/v1/events", "post"), ("/v1/admin/reload", "post")}
     assert doc["paths"]["/v1/events"]["post"]["security"] == [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+    locked = _document(make_settings, api_key=KEY, require_api_key_for_scoring=True)
+    assert {(p, m) for p, m, op in _operations(locked) if "security" in op} == secured | {
+        ("/v1/score", "post"), ("/v1/score:batch", "post")}
 
 
 def test_503s_and_the_metrics_content_type_are_documented(make_settings: SettingsFactory) -> None:
