@@ -42,7 +42,9 @@ class TooManyItemsHTTP(StarletteHTTPException):
     """Raised from `receive` while the body streams in (FastAPI re-raises HTTPExceptions from body parsing)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(413, detail=message)
+        # Connection: close, as nginx does after a 413: the rest of the body is never read, and a client looping
+        # such bodies pays a new connection for each.
+        super().__init__(413, detail=message, headers={"Connection": "close"})
         self.code = code
 
 
