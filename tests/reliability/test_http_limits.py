@@ -169,6 +169,29 @@ def test_1100_idle_sockets_do_not_starve_real_clients(tiny_bundle: BuiltBundle, 
     assert "the open-file limit is low: 1024" in log
 
 
+def test_beyond_the_connection_limit_with_every_connection_busy_is_a_clean_503(start_service: Any,
+                                                                              tiny_bundle: BuiltBundle,
+                                                                              redis_url: str) -> None:
+    svc: LiveService = start_service(bundle=tiny_bundle.bundle, redis_url=redis_url, key_prefix="conns",
+                                     max_connections=2, retry_after_s=3)
+    addr = ("127.0.0.1", svc.port)
+    busy = [socket.create_connection(addr) for _ in range(2)]
+    for s in busy:  # each has a request in flight: its handler waits for the rest of the body
+        s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: polarity\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 200\r\n\r\n{")
+    time.sleep(1.0)  # both heads parsed (the service cannot be asked: a third connection is the test itself)
+    with socket.create_connection(addr) as third:
+        third.sendall(b"GET /livez HTTP/1.1\r\nHost: polarity\r\n\r\n")
+        reply = _read_until_closed(third)
+    assert reply.startswith(b"HTTP/1.1 503"), reply[:300]
+    assert b"retry-after: 3" in reply.lower() and b'"error": "overloaded"' in reply
+    assert not any(_closed_by_server(s) for s in busy)  # requests in flight are never the ones cut
+    for s in busy:
+        s.close()
+    time.sleep(0.3)
+    assert httpx.get(svc.url + "/readyz", timeout=10).status_code == 200  # room again once they are gone
+
+
 # ------------------------------------------------------------------------------------ unparseable bodies (15)
 
 def test_unparseable_bodies_say_what_is_wrong_and_the_warning_is_throttled(start_service: Any,
@@ -241,7 +264,9 @@ def test_oversized_batches_are_refused_before_the_parse_and_full_means_503(start
         with socket.create_connection(("127.0.0.1", svc.port)) as slow:
             slow.sendall(b"POST /v1/events HTTP/1.1\r\nHost: polarity\r\nContent-Type: application/json\r\n"
                          b"Content-Length: 500\r\n\r\n{")
-            time.sleep(0.3)
+            deadline = time.monotonic() + 20
+            while _metric(svc.url, "polarity_in_flight_requests") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
             shed = client.post("/v1/score", json=SCORE)
             livez = client.get("/livez")  # not a work route: never shed
         assert shed.status_code == 503 and shed.headers["retry-after"] == "2", shed.text
