@@ -124,7 +124,7 @@ def check_export_target(run_dir: Path, out_dir: Path, *, overwrite: bool) -> Non
     out_real, run_real = out_dir.resolve(), run_dir.resolve()
     if run_real == out_real or out_real in run_real.parents:
         raise ExportError(f"--out {out_dir} holds the run being exported ({run_dir}); choose another --out")
-    entries = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if not p.is_dir())
+    entries = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_symlink() or not p.is_dir())
     if not entries and not any(out_dir.iterdir()):
         return
     foreign = _not_bundle_files(out_dir, entries)

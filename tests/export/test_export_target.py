@@ -91,6 +91,13 @@ def test_a_bundle_holding_a_file_of_the_user_is_not_replaced(run_dir: Path, tmp_
     assert _export(run_dir, out, "--force") == 2
     assert "files its manifest does not list: NOTES.md" in capsys.readouterr().err
     assert _tree(out) == before
+    notes.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "data").symlink_to(elsewhere, target_is_directory=True)  # a link to the user's data is not the bundle's
+    assert _export(run_dir, out, "--force") == 2
+    assert "files its manifest does not list: data" in capsys.readouterr().err
+    assert (out / "data").is_symlink() and elsewhere.is_dir()
 
 
 def test_a_file_or_a_foreign_manifest_is_refused(run_dir: Path, tmp_path: Path) -> None:
