@@ -57,7 +57,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = False, check: bool = False,
                   tol: float = 1e-5, name: str | None = None, version: str | None = None,
-                  overwrite: bool = True, attention: bool = True, fuse_pooling: bool = False) -> Path:
+                  overwrite: bool = False, attention: bool = True, fuse_pooling: bool = False) -> Path:
     """Export the run in `run_dir` into the bundle directory `out_dir`; returns `out_dir`.
 
     optimize: also write `model.opt.onnx` (ONNX Runtime-optimised copy).
@@ -71,14 +71,15 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
     fuse_pooling: export each gate fused with the attention that pools it, one `TAPFGateDotPool` /
       `TAPFGateMLPPool` node, instead of the plain `tapf.fused::TAPFGate` node (`ServingModel.from_trained`).
       Same outputs either way.
-    The bundle is assembled in a sibling staging directory and moved into place at the end, so a
-    failed export never leaves a half-written bundle behind.
+    overwrite (`--force`): replace an existing bundle in `out_dir`. Without it an existing bundle is
+      refused; with or without it a non-empty `out_dir` that is not only a bundle (other files, the run
+      being exported) is refused, so nothing but an old bundle's own files is ever deleted.
+    The bundle is assembled in a sibling staging directory and renamed into place at the end (an atomic
+    exchange with the old bundle where the kernel has one), so a failed export never leaves a half-written
+    bundle behind and a reader never sees a missing one.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} exists and is not empty")
+    check_export_target(run_dir, out_dir, overwrite=overwrite)
     run = load_run(run_dir)
     n_gates = check_representable(run.model, run.model_config, run.spec)
     served = ServingModel.from_trained(run.model, attention=attention, fuse_pooling=fuse_pooling)
@@ -100,6 +101,7 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
             assert_parity(report)
             manifest["parity"] = report.to_dict()
             write_manifest(stage, manifest)
+        check_export_target(run_dir, out_dir, overwrite=overwrite)  # again: the export took a while
         _replace_dir(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -108,21 +110,98 @@ def export_bundle(run_dir: Path | str, out_dir: Path | str, *, optimize: bool = 
              run.spec.sequence.seq_len, cfg.d_model, n_gates, out_dir)
     return out_dir
 
+def check_export_target(run_dir: Path, out_dir: Path, *, overwrite: bool) -> None:
+    """Refuse an `--out` whose replacement would delete anything but an old bundle (ExportError).
+
+    Allowed: a missing or empty directory; an existing bundle (manifest.json of this format and only the
+    files it lists) when `overwrite`. Refused: a file; the run directory or a directory holding it; a
+    non-empty directory that is not a bundle or holds files its manifest does not list.
+    """
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory; choose another --out")
+    out_real, run_real = out_dir.resolve(), run_dir.resolve()
+    if run_real == out_real or out_real in run_real.parents:
+        raise ExportError(f"--out {out_dir} holds the run being exported ({run_dir}); choose another --out")
+    entries = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_symlink() or not p.is_dir())
+    if not entries and not any(out_dir.iterdir()):
+        return
+    foreign = _not_bundle_files(out_dir, entries)
+    if foreign is not None:
+        raise ExportError(f"{out_dir} is not empty and is not a bundle ({foreign}); nothing was written. "
+                          "Choose an empty or new --out directory")
+    if not overwrite:
+        raise ExportError(f"{out_dir} already holds a bundle; pass --force to replace it or choose another --out")
+
+
+def _not_bundle_files(out_dir: Path, entries: list[str]) -> str | None:
+    """Why `out_dir` is not only a bundle, or None when it is one (manifest + the files it lists)."""
+    import json
+
+    from export.bundle import FORMAT as BUNDLE_FORMAT
+    from export.bundle import MANIFEST_FILE
+
+    try:
+        data = json.loads((out_dir / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE}; it holds {_shown(entries)}"
+    except (OSError, ValueError) as exc:
+        return f"{MANIFEST_FILE} is unreadable: {exc}"
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT or not isinstance(data.get("files"), dict):
+        return f"{MANIFEST_FILE} is not a {BUNDLE_FORMAT} manifest"
+    listed = {MANIFEST_FILE, *(str(k) for k in data["files"])}
+    extra = [e for e in entries if e not in listed]
+    if extra:
+        return f"files its manifest does not list: {_shown(extra)}"
+    empty_dirs = [p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_dir() and
+                  not p.is_symlink() and not any(p.iterdir())]
+    if empty_dirs:
+        return f"directories its manifest does not list: {_shown(empty_dirs)}"
+    return None
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _rename_exchange(src: Path, dst: Path) -> bool:
+    """Atomically swap the directories `src` and `dst` (Linux renameat2 RENAME_EXCHANGE); False where the
+    kernel, libc or file system cannot, and nothing was changed."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return bool(renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_exchange) == 0)
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished bundle `src` to `dst`, replacing an old bundle there."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
+    """Move the finished bundle `src` to `dst`. An existing `dst` (an empty directory, or an old bundle that
+    `check_export_target` accepted) is swapped out atomically where the kernel can (then `src` holds the old
+    one, which the caller's clean-up of its staging directory deletes), else renamed aside and deleted."""
+    if not dst.exists():
+        src.rename(dst)  # atomic; fails rather than replace a directory made meanwhile
+        return
+    if _rename_exchange(src, dst):
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    dst.rename(aside)  # replaces the empty `aside` placeholder
     try:
         src.rename(dst)
     except OSError:
-        if old is not None:
-            old.rename(dst)
+        aside.rename(dst)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside)  # the old bundle, only its own files (`check_export_target`)
+
 
 def _write_bundle(out_dir: Path, *, run: Any, run_dir: Path, model: ir.Model, n_gates: int, optimize: bool,
                   name: str | None, version: str | None) -> dict[str, Any]:

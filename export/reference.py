@@ -11,7 +11,7 @@ from torch import nn
 
 from export.bundle import ATTENTION_NAME, OUTPUT_NAME
 from model.features.inputs import InputArrays
-from model.features.spec import OOV_INDEX, FeatureSpec, SpecError
+from model.features.spec import FIRST_ID_INDEX, OOV_INDEX, FeatureSpec, SpecError
 from model.models.config import ARCHS, ModelConfig
 from model.models.ctr_model import SequenceCTRModel
 from model.modules.polarity_gate import TAPFGate
@@ -79,9 +79,9 @@ def random_inputs(spec: FeatureSpec, *, n_users: int, n_candidates: int, seed: i
     if u > empty_users:
         n_real[empty_users] = length  # at least one full history
     mask = np.arange(length)[None, :] >= (length - n_real)[:, None]
-    items = rng.integers(2, max(spec.n_items, 3), size=(u, length))
+    items = _known_ids(rng, spec.n_items, (u, length))
     items[rng.random((u, length)) < oov_share] = OOV_INDEX
-    cats = rng.integers(2, max(spec.n_categories, 3), size=(u, length))
+    cats = _known_ids(rng, spec.n_categories, (u, length))
     cats[rng.random((u, length)) < oov_share] = OOV_INDEX
     polarity = np.where(rng.random((u, length)) < spec.sequence.pos_ratio, 1, -1)
     event_pol = np.asarray(spec.event_polarity, dtype=np.int64)
@@ -96,9 +96,9 @@ def random_inputs(spec: FeatureSpec, *, n_users: int, n_candidates: int, seed: i
     n_neg = (mask & (polarity < 0)).sum(1)
     stats = np.stack([np.log1p(n_pos), np.log1p(n_neg), n_pos / np.maximum(n_pos + n_neg, 1),
                       np.log1p(rng.exponential(3600.0, size=u))], axis=1).astype(np.float32)
-    cand_item = rng.integers(2, max(spec.n_items, 3), size=n)
+    cand_item = _known_ids(rng, spec.n_items, (n,))
     cand_item[rng.random(n) < oov_share] = OOV_INDEX
-    cand_cat = rng.integers(2, max(spec.n_categories, 3), size=n)
+    cand_cat = _known_ids(rng, spec.n_categories, (n,))
     cand_user = rng.integers(0, u, size=n)
     cand_user[: min(u, n)] = rng.permutation(u)[: min(u, n)]  # every user has a candidate when N >= U
     zero = np.int64(0)
@@ -113,6 +113,14 @@ def random_inputs(spec: FeatureSpec, *, n_users: int, n_candidates: int, seed: i
         cand_category=cand_cat.astype(np.int64),
         cand_user=cand_user.astype(np.int64),
     )
+
+def _known_ids(rng: np.random.Generator, vocab_size: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Random in-vocabulary ids [FIRST_ID_INDEX, vocab_size); all OOV_INDEX when the vocabulary has no id of its
+    own (a log without the optional `category` column: only PAD and OOV)."""
+    if vocab_size <= FIRST_ID_INDEX:
+        return np.full(shape, OOV_INDEX, dtype=np.int64)
+    return rng.integers(FIRST_ID_INDEX, vocab_size, size=shape)
+
 
 def reference_outputs(model: nn.Module, inputs: InputArrays) -> dict[str, np.ndarray]:
     """What a bundle must reproduce, from the trained torch model's own API (unfolded gates, not the

@@ -63,7 +63,7 @@ def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 100_
     from export.pipeline import export_bundle
 
     t0 = time.perf_counter()
-    bundle = export_bundle(run_dir, out / "bundle", check=True, name="demo")
+    bundle = export_bundle(run_dir, out / "bundle", check=True, name="demo", overwrite=True)  # the demo owns --out
     print(f"[4/{STEPS}] export: ONNX bundle, parity-checked against torch -> {bundle} "
           f"({time.perf_counter() - t0:.1f}s)")
     if not serve:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from export.bundle import Manifest
 from export.custom_kernel import kernel_status
+from service.admission import AdmissionMiddleware
 from service.errors import StartupError, install_error_handlers
 from service.event_mapping import EventMapping
 from service.event_writer import EventWriter
@@ -97,6 +98,9 @@ def create_app(
             log.info("serving %s %s (%s) on %s, kernel %s%s; redis %s", loaded.manifest.name, loaded.version,
                      loaded.manifest.arch, b.provider, b.kernel, f" ({ks['path']})" if ks["path"] else "",
                      "reachable" if await store.ping() else "UNREACHABLE (scoring degrades until it answers)")
+            if settings.api_key is None:
+                log.warning("no api_key: anyone who can reach this port can write events, reload the model and read "
+                            "any user's history through explain (set POLARITY_API_KEY)")
             yield
         finally:
             runtime = app.state.runtime
@@ -114,13 +118,13 @@ def create_app(
 
     # /docs is served from this process (service/routers/api_docs.py), not from FastAPI's CDN page.
     app = FastAPI(title="Polarity scoring service", version="1", description=API_DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json" if settings.serve_docs else None)
     app.state.settings = settings
     app.state.metrics = service_metrics
     app.state.runtime = None
     install_error_handlers(app)
     routers = [score.router, events.router, health.router, model.router, open_inference.router]
-    if settings.metrics_port is None:
+    if settings.metrics_port is None and settings.serve_metrics:
         routers.append(metrics.router)
     for router in routers:
         app.include_router(router)
@@ -129,9 +133,12 @@ def create_app(
     # body limit's 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ErrorBoundaryMiddleware)
+    # Outside the body limit: shedding and rate limits answer before any byte of the body is read.
+    app.add_middleware(AdmissionMiddleware, settings=settings, metrics=service_metrics)
     app.add_middleware(MetricsMiddleware, metrics=service_metrics, known_paths=known)
     # Outermost: the request id and the access line cover every answer, the 413s and 500s included.
     app.add_middleware(RequestContextMiddleware, access_log_on=settings.access_log, tracer=tracer)
-    mount_api_docs(app)
+    if settings.serve_docs:
+        mount_api_docs(app)
     app.openapi = lambda: polarity_openapi(app, routers)  # type: ignore[method-assign]
     return app

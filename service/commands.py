@@ -35,8 +35,10 @@ def _serve(args: argparse.Namespace) -> int:
     from export.bundle import load_manifest
     from service.app import create_app
     from service.errors import StartupError
+    from service.http_protocol import guarded_protocol
     from service.inference import choose_providers
     from service.request_context import configure_service_logging
+    from service.startup import connection_limits
 
     settings = _settings(args, ("bundle", "redis_url", "host", "port", "device", "model_dir", "metrics_port",
                                 "inference_threads", "log_format"))
@@ -48,10 +50,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None
     load_manifest(settings.bundle)  # BundleError (a ValueError) names the file and the problem
     configure_service_logging(settings)  # text or JSON lines, each with its request id
+    limits = connection_limits(settings)  # raises the open-file limit; warns when it is low
     # log_config=None: uvicorn's own loggers propagate to that handler instead of getting uvicorn's; the access
-    # line is the service's (service/request_context.py), with the request id.
+    # line is the service's (service/request_context.py), with the request id. http: uvicorn's httptools protocol
+    # with header size, header/body timeouts and a connection limit (service/http_protocol.py says why).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, lifespan="on", log_config=None)
+                access_log=False, lifespan="on", log_config=None, http=guarded_protocol(limits),
+                timeout_keep_alive=settings.keep_alive_timeout_s)
     return 0
 
 

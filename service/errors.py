@@ -16,6 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.throttled_log import ThrottledWarning, client_address
+from service.unparseable_body import reason_from_exception
+
 log = logging.getLogger("polarity.service")
 
 
@@ -115,6 +118,15 @@ def log_unexpected(exc: BaseException, *, method: str, path: str) -> None:
 INTERNAL_ERROR = error_body("internal", "internal error")
 
 
+# A client can send malformed bodies at will: one warning line per 10 s, with its address and how many were left out.
+_unparseable_warnings = ThrottledWarning(logger=log)
+
+
+def _warn_unparseable(request: Request, reason: str) -> None:
+    _unparseable_warnings.warn("unparseable-body", f"unparseable body on {request.method} {request.url.path}: "
+                               f"{reason}", client=client_address(request.scope.get("client")))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Domain errors, validation errors and HTTP errors; anything else is answered by
     `service.middleware.ErrorBoundaryMiddleware` (500, logged by `log_unexpected`), which unlike
@@ -127,13 +139,24 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         fields = validation_fields(exc)
+        if fields and exc.errors()[0].get("type") == "json_invalid":
+            # FastAPI's own parse (json.loads) says "JSON decode error" at a character offset: say what and where.
+            reason = reason_from_exception(exc.__cause__) or fields[0]["reason"]
+            fields = [{"field": "body", "reason": reason}]
+            _warn_unparseable(request, reason)
         first = fields[0] if fields else {"field": "body", "reason": "invalid"}
         message = f"{first['field']}: {first['reason']}" + (f" (and {len(fields) - 1} more)" if len(fields) > 1 else "")
         return JSONResponse(error_body("validation_error", message, fields=fields), status_code=422)
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        reason = reason_from_exception(exc.__cause__) if exc.status_code == 400 else None
+        if reason is not None:  # FastAPI's "There was an error parsing the body": not UTF-8, or nested too deeply
+            _warn_unparseable(request, reason)
+            return JSONResponse(error_body("validation_error", f"body: {reason}",
+                                           fields=[{"field": "body", "reason": reason}]), status_code=422)
+        code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed",
+                                               413: "body_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
                             headers=dict(exc.headers or {}))
 

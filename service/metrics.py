@@ -17,6 +17,7 @@ CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 500, 1000, 2000, 5000)
 HISTORY_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 200, 300, 400, 512, 1024)
 
 STAGES = ("redis_read", "sequence_build", "inference", "serialize", "redis_write")
+SHED_REASONS = ("overloaded", "rate_limited", "too_many_items")
 
 
 class ServiceMetrics:
@@ -74,6 +75,17 @@ class ServiceMetrics:
         self.microbatch_size = Histogram(
             "polarity_microbatch_requests", "Score requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
+        )
+
+        # Load shedding (service/admission.py): refused before any work, by reason; label values born at zero.
+        self.shed_requests = Counter(
+            "polarity_shed_requests_total", "Requests refused before any work: overloaded (503), rate_limited (429), "
+            "too_many_items (413 counted before the parse)", ("reason",), registry=r,
+        )
+        for reason in SHED_REASONS:
+            self.shed_requests.labels(reason=reason)
+        self.in_flight = Gauge(
+            "polarity_in_flight_requests", "Requests being handled on the admission-controlled routes", registry=r
         )
 
     def set_model(self, *, name: str, version: str, arch: str, provider: str, kernel: str, requested: str) -> None:

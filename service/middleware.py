@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import INTERNAL_ERROR, error_body, log_unexpected
@@ -123,6 +124,8 @@ class ErrorBoundaryMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client left (or the connection guard cut off its body): nobody to answer, nothing to log
         except Exception as exc:
             log_unexpected(exc, method=str(scope.get("method", "")), path=str(scope.get("path", "")))
             if started:

@@ -1,6 +1,7 @@
 """The OpenAPI document as a user of Swagger, a client generator or schemathesis needs it: FastAPI's document plus
 - realistic examples for every request and response body (`EXAMPLES`, checked against their schemas and
-  against the live service by tests/service/test_openapi.py);
+  against the live service by tests/service/test_openapi.py), their times moved to the hour the document is built
+  (`timed_examples`): an example `request_time` of long ago would silently score with none of today's history;
 - the API-key security scheme (`X-API-Key` or `Authorization: Bearer`) on the routes that require it, so Swagger
   shows an Authorize button;
 - the 503 every route that needs the running model can answer while the service starts or stops;
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +24,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.runtime import get_runtime
-from service.security import API_KEY_HEADER, require_api_key
+from service.security import API_KEY_HEADER, require_api_key, require_scoring_key
 
 SECURITY_SCHEMES = {
     "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER,
@@ -60,6 +62,26 @@ EXAMPLES: dict[str, Any] = {
                                  {"name": "cand_item", "datatype": "INT64", "shape": [-1]}],
                       "outputs": [{"name": "probability", "datatype": "FP32", "shape": [-1]}]},
 }
+# The time the examples above are written at; `timed_examples` moves them to the present.
+EXAMPLES_WRITTEN_AT = 1733443300.0
+TIME_FIELDS = frozenset(("request_time", "timestamp"))
+
+
+def timed_examples(now: float) -> dict[str, Any]:
+    """EXAMPLES with every `request_time` / `timestamp` moved by the same shift, so that the latest is `now` rounded
+    down to the minute (the events stay seconds to minutes before the score request that reads them)."""
+    shift = (now // 60) * 60 - EXAMPLES_WRITTEN_AT
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: (v + shift if k in TIME_FIELDS and isinstance(v, float) else moved(v)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        return value
+
+    return {name: moved(example) for name, example in EXAMPLES.items()}
+
+
 # Answers whose schema FastAPI writes inline (no component name): (path, method) -> one realistic 200 body.
 OPERATION_EXAMPLES: dict[tuple[str, str], Any] = {
     ("/livez", "get"): {"status": "ok"},
@@ -102,24 +124,26 @@ def polarity_openapi(app: FastAPI, routers: Sequence[APIRouter]) -> dict[str, An
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    examples = timed_examples(time.time())
     components = doc.setdefault("components", {})
     components["securitySchemes"] = SECURITY_SCHEMES
     for name, schema in components.get("schemas", {}).items():
-        if name in EXAMPLES:
-            schema["examples"] = [copy.deepcopy(EXAMPLES[name])]
+        if name in examples:
+            schema["examples"] = [copy.deepcopy(examples[name])]
     for route in (r for router in routers for r in router.routes):
         if not isinstance(route, APIRoute) or not route.include_in_schema:
             continue
         for method in route.methods or ():
             op = doc["paths"][route.path_format][method.lower()]
-            if _depends_on(route, require_api_key):
+            scoring_key = _depends_on(route, require_scoring_key) and app.state.settings.require_api_key_for_scoring
+            if _depends_on(route, require_api_key) or scoring_key:
                 op["security"] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
             if _depends_on(route, get_runtime):
                 op["responses"].setdefault("503", copy.deepcopy(NOT_READY))
             body = op.get("requestBody", {}).get("content", {})
             name = _json_ref(body)
-            if name in EXAMPLES:
-                body["application/json"]["example"] = copy.deepcopy(EXAMPLES[name])
+            if name in examples:
+                body["application/json"]["example"] = copy.deepcopy(examples[name])
             for code, response in op["responses"].items():
                 if _json_ref(response.get("content", {})) == "HTTPValidationError":  # the boundary answers ours
                     response["content"]["application/json"]["schema"] = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -127,8 +151,8 @@ def polarity_openapi(app: FastAPI, routers: Sequence[APIRouter]) -> dict[str, An
                 if json_body is None or "example" in json_body:
                     continue
                 name = _json_ref(response["content"])
-                if name in EXAMPLES:
-                    json_body["example"] = copy.deepcopy(EXAMPLES[name])
+                if name in examples:
+                    json_body["example"] = copy.deepcopy(examples[name])
                 elif code == "200" and (route.path_format, method.lower()) in OPERATION_EXAMPLES:
                     json_body["example"] = copy.deepcopy(OPERATION_EXAMPLES[route.path_format, method.lower()])
     metrics = doc["paths"].get("/metrics", {}).get("get")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from typing_extensions import TypedDict
 
 MAX_ID_CHARS = 256
@@ -17,6 +17,8 @@ MAX_ID_CHARS = 256
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 # Strict: a JSON number (not a string, not a bool), finite.
 Timestamp = Annotated[float, Field(allow_inf_nan=False, strict=True, description="seconds (e.g. Unix time), finite")]
+# Strict: the JSON integer 0 or 1; `true`, `1.0` and `"1"` are refused (422 naming the field), not coerced.
+Label = Annotated[StrictInt, Field(ge=0, le=1, description="1 positive, 0 negative (the integer); wins over `event`")]
 
 
 class _Strict(BaseModel):
@@ -38,7 +40,8 @@ class ScoreRequest(_Strict):
     user_id: Id
     candidates: list[Candidate] = Field(min_length=1, description="scored in this order (max: settings)")
     context: dict[str, Any] | None = Field(default=None, description="request context (not used by current models)")
-    explain: bool = Field(default=False, description="add per-candidate explanations")
+    explain: StrictBool = Field(default=False, description="add per-candidate explanations (JSON true/false); "
+                                "needs the API key when one is set: they show the user's history")
     request_time: Timestamp | None = Field(
         default=None, description="sequence cut-off: only events strictly before it count (default: now)"
     )
@@ -81,7 +84,7 @@ class EventIn(_Strict):
     item_id: Id
     timestamp: Timestamp
     event: Id | None = Field(default=None, description="click | like | skip | dislike | ... (see settings)")
-    label: Literal[0, 1] | None = Field(default=None, description="1 positive, 0 negative; wins over `event`")
+    label: Label | None = None
     category: Id | None = None
 
 

@@ -1,4 +1,5 @@
-"""API key check for write and admin routes (open when `settings.api_key` is None)."""
+"""API key check for write and admin routes, for score requests with `explain` (history contents), and with
+`require_api_key_for_scoring` for every score request (all open when `settings.api_key` is None)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,21 @@ def presented_key(request: Request) -> str | None:
 
 
 def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:  # noqa: B008
+    check_api_key(request, settings)
+
+
+def require_scoring_key(request: Request, settings: Settings = Depends(get_settings)) -> None:  # noqa: B008
+    """The key on the score routes, when `require_api_key_for_scoring`."""
+    if settings.require_api_key_for_scoring:
+        check_api_key(request, settings)
+
+
+def check_api_key(request: Request, settings: Settings, *, why: str = "this route needs an API key") -> None:
+    """Unauthorized unless the request presents `settings.api_key` (nothing to check when none is set)."""
     if settings.api_key is None:
         return
     key = presented_key(request)
     expected = settings.api_key.get_secret_value().encode("utf-8")
     # Constant time in the key's content; compare bytes so non-ASCII input cannot raise.
     if key is None or not hmac.compare_digest(key.encode("utf-8"), expected):
-        raise Unauthorized(f"this route needs an API key ({API_KEY_HEADER} or Authorization: Bearer)")
+        raise Unauthorized(f"{why} ({API_KEY_HEADER} or Authorization: Bearer)")

@@ -1,4 +1,5 @@
-"""Service configuration: one pydantic-settings class, env prefix `POLARITY_`, unknown keys rejected.
+"""Service configuration: one pydantic-settings class, env prefix `POLARITY_`, unknown keys rejected, unknown
+`POLARITY_*` environment variables too (with the closest valid name: `unknown_environment_variables`).
 
 Built by the caller (the CLI, a test, a deployment) and passed to `service.app.create_app` — never
 at import time. Every field is also an environment variable, e.g. `POLARITY_REDIS_URL`.
@@ -6,8 +7,11 @@ at import time. Every field is also an environment variable, e.g. `POLARITY_REDI
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,12 +20,47 @@ from model.features.events import ENGAGEMENT_POLARITY, normalise_event_name
 
 Device = Literal["auto", "cpu", "cuda"]
 
+ENV_PREFIX = "POLARITY_"
+# POLARITY_* variables that are not settings but that other parts of the project read (so they are not typos).
+OTHER_ENV_VARIABLES: Mapping[str, str] = {
+    "POLARITY_TAPF_KERNEL": "export/custom_kernel.py: the fused TAPF kernel library, or off",
+    "POLARITY_REDIS_SERVER": "loadtest/harness/redis_server.py: the redis-server binary of tests and the demo",
+    "POLARITY_BUNDLE_DIR": "deploy/compose.yaml: the bundle directory mounted into the container",
+    "POLARITY_TEST_REDIS_URL": "tests: the Redis the suite uses",
+    "POLARITY_RELIABILITY_REPORT": "tests/reliability: the file figures are written to",
+    "POLARITY_SOAK_S": "tests/reliability/test_soak.py: soak duration",
+    "POLARITY_AUDIT_DIR": "tests/scale: where the audited CLI lists its writes",
+    "POLARITY_DASHBOARD_PREVIEWS": "tests/deploy: where dashboard previews are drawn",
+    "POLARITY_BENCH_BASELINE": "loadtest/bench/tax.py", "POLARITY_BENCH_MAX_SAMPLES": "loadtest/bench/big_logs.py",
+    "POLARITY_BENCH_PARALLEL": "loadtest/bench/big_logs.py",
+    "POLARITY_BENCH_COMPILE_MODE": "loadtest/bench/inference.py",
+    "POLARITY_LOAD_CANDIDATES": "loadtest/locustfile.py", "POLARITY_LOAD_USERS": "loadtest/locustfile.py",
+    "POLARITY_LOAD_ITEMS": "loadtest/locustfile.py", "POLARITY_LOAD_EVENTS_SHARE": "loadtest/locustfile.py",
+    "POLARITY_LOAD_RATE": "loadtest/locustfile.py",
+}
+
+
+def unknown_environment_variables(environ: Mapping[str, str], fields: Mapping[str, Any]) -> list[str]:
+    """One message per POLARITY_* variable of `environ` that is neither a setting (a key of `fields`) nor in
+    OTHER_ENV_VARIABLES, naming the closest valid variable (a misspelt POLARITY_REDIS_ULR would otherwise
+    silently leave the default Redis in place)."""
+    valid = sorted({ENV_PREFIX + name.upper() for name in fields} | set(OTHER_ENV_VARIABLES))
+    problems = []
+    for key in sorted(environ):
+        name = key.upper()  # pydantic-settings reads the environment case-insensitively
+        if not name.startswith(ENV_PREFIX) or name in valid:
+            continue
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no setting has a similar name"
+        problems.append(f"unknown environment variable {key}: {hint}")
+    return problems
+
 
 
 class Settings(BaseSettings):
     """Everything the scoring service and the stream ingester read from their environment."""
 
-    model_config = SettingsConfigDict(env_prefix="POLARITY_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     # --- what to serve, where
     bundle: Path | None = Field(default=None, description="exported bundle directory (manifest.json, model.onnx)")
@@ -70,6 +109,27 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     explain_top_k: int = Field(default=5, ge=1, le=100)
 
+    # --- connections and load (service/http_protocol.py: what nginx would bound in front of the service;
+    # service/admission.py: in-flight requests and per-client rates)
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="request line + headers; over: 431")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="a request head must arrive within this; else 408")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a request body must arrive within this after its "
+                                  "head; else 408")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(
+        default=0, ge=0, description="open connections; beyond, the one idle longest is closed (0 = the open-file "
+        "limit less a reserve for Redis and files)",
+    )
+    max_in_flight: int = Field(
+        default=256, ge=1, description="requests being handled at once on the scoring, event and V2 inference routes; "
+        "beyond, 503 with Retry-After at once (load shedding) rather than a queue that only adds latency",
+    )
+    rate_limit_per_client: float = Field(
+        default=0.0, ge=0.0, description="requests per second per client address on those routes (token bucket; "
+        "0 = off); beyond, 429 with Retry-After",
+    )
+    rate_limit_burst: int = Field(default=50, ge=1, description="bucket size of rate_limit_per_client")
+
     # --- Redis history store
     history_cap: int = Field(default=512, ge=1, description="events kept per user and polarity")
     history_ttl_s: int = Field(default=30 * 86400, ge=1)
@@ -88,8 +148,18 @@ class Settings(BaseSettings):
     event_polarity: dict[str, int] = Field(default_factory=lambda: dict(ENGAGEMENT_POLARITY))
 
     # --- security and observability
-    api_key: SecretStr | None = Field(default=None, description="required on write/admin routes when set")
+    api_key: SecretStr | None = Field(
+        default=None, description="required on write/admin routes and on score requests with explain (they show "
+        "the user's history) when set",
+    )
+    require_api_key_for_scoring: bool = Field(
+        default=False, description="also require the API key on /v1/score and /v1/score:batch (needs api_key)",
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics on its own port")
+    serve_metrics: bool = Field(
+        default=True, description="serve /metrics on the API port when metrics_port is not set (false: nowhere)",
+    )
+    serve_docs: bool = Field(default=True, description="serve /docs and /openapi.json (false: 404)")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- garbage collector
@@ -116,6 +186,15 @@ class Settings(BaseSettings):
     )
     served_log_stream: str = Field(default="polarity:served", min_length=1, description="served-feature stream")
     served_log_maxlen: int = Field(default=100_000, ge=1, description="approximate MAXLEN of that stream")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_environment(cls, values: Any) -> Any:
+        problems = unknown_environment_variables(os.environ, cls.model_fields)
+        if problems:
+            raise ValueError("; ".join(problems) + " (settings: README, Service; a POLARITY_* variable that is "
+                             "not a setting is refused so that a typo cannot fall back to a default)")
+        return values
 
     @field_validator("event_polarity")
     @classmethod
@@ -146,6 +225,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
+        if self.require_api_key_for_scoring and self.api_key is None:
+            raise ValueError("require_api_key_for_scoring needs api_key (POLARITY_API_KEY)")
         if self.cuda_graphs and self.microbatch_max_wait_us:
             raise ValueError("cuda_graphs replays graphs of one user's sequence: turn micro-batching off "
                              "(microbatch_max_wait_us=0)")

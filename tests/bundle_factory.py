@@ -20,8 +20,10 @@ class BuiltBundle:
 
 def build_bundle(root: Path, *, arch: str = "onetrans", seq: str = "mix-tapf", seq_len: int = 20, d_model: int = 16,
                  users: int = 60, items: int = 300, events: int = 6000, seed: int = 0,
-                 max_train_samples: int = 3000, name: str = "tiny", version: str | None = None) -> BuiltBundle:
-    """Synth -> train -> export into `root` (reused when `root/bundle/manifest.json` exists)."""
+                 max_train_samples: int = 3000, name: str = "tiny", version: str | None = None,
+                 drop_category: bool = False) -> BuiltBundle:
+    """Synth -> train -> export into `root` (reused when `root/bundle/manifest.json` exists).
+    drop_category: write the log without its optional `category` column."""
     import torch
 
     from export.pipeline import export_bundle
@@ -35,6 +37,10 @@ def build_bundle(root: Path, *, arch: str = "onetrans", seq: str = "mix-tapf", s
     if (bundle / "manifest.json").is_file():
         return BuiltBundle(log=log, run_dir=run_dir, bundle=bundle)
     write_event_log(generate(SyntheticWorldConfig(users=users, items=items, events=events, seed=seed)), log)
+    if drop_category:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pq.read_table(log).drop(["category"]), log)
     threads = torch.get_num_threads()
     try:
         train(TrainConfig(data=str(log), arch=arch, seq=seq, seq_len=seq_len, d_model=d_model, batch_size=256,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from export.custom_kernel import kernel_status
+from service.disclosure import without_absolute_paths
 from service.runtime import Runtime
 
 router = APIRouter(tags=["health"])
@@ -47,5 +48,7 @@ async def readiness(runtime: Runtime | None) -> tuple[bool, dict[str, Any]]:
                                  "status": "not_ready", "details": {"redis": "unavailable", "model_loaded": True}}}}}})
 async def readyz(request: Request) -> JSONResponse:
     ready, details = await readiness(getattr(request.app.state, "runtime", None))
+    root = request.app.state.settings.reload_root
+    details = without_absolute_paths(details, root=None if root is None else str(root))  # no kernel/bundle paths
     return JSONResponse({"status": "ready" if ready else "not_ready", "details": details},
                         status_code=200 if ready else 503)

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from service.disclosure import without_absolute_paths
 from service.errors import BundleRejected, Forbidden
 from service.runtime import Runtime, get_runtime
 from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
@@ -20,7 +21,10 @@ log = logging.getLogger("polarity.service")
 @router.get("/v1/model", summary="The manifest of the model being served")
 async def get_model(runtime: Runtime = Depends(get_runtime)) -> dict[str, Any]:  # noqa: B008
     model = runtime.slot.current
-    return {"manifest": model.manifest.data, "serving": model.describe()}
+    root = runtime.settings.reload_root
+    # No absolute paths (the bundle's directory, the training log in the train config): relative to the model dir.
+    return without_absolute_paths({"manifest": model.manifest.data, "serving": model.describe()},  # type: ignore[no-any-return]
+                                  root=None if root is None else str(root))
 
 
 def confined_bundle_path(raw: str, root: Path | None) -> Path:

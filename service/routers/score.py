@@ -15,8 +15,11 @@ from pydantic import ValidationError
 from service.batch_scoring import score_batch_json
 from service.runtime import Runtime, get_runtime
 from service.schemas import BatchScoreRequest, BatchScoreResponse, ErrorResponse, ScoreRequest, ScoreResponse
+from service.security import check_api_key, require_scoring_key
+from service.unparseable_body import reason_from_parser_message
 
-router = APIRouter(tags=["score"])
+router = APIRouter(tags=["score"], dependencies=[Depends(require_scoring_key)])
+EXPLAIN_NEEDS_KEY = "explain shows the user's history: it needs the API key"
 
 
 # The schema FastAPI would document for a `body: ScoreRequest` parameter: the component (registered through
@@ -44,13 +47,18 @@ def parse_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
         return ScoreRequest.model_validate_json(body)
     except ValidationError as exc:
         errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False, include_input=False)]
+        if errors and errors[0]["type"] == "json_invalid":  # say what is wrong: not UTF-8, where, too deep
+            errors = [{"type": "json_invalid", "loc": ("body",), "input": None,
+                       "msg": reason_from_parser_message(body, str(errors[0]["msg"]))}]
         raise RequestValidationError(errors) from None
 
 
 @router.post(
     "/v1/score",
     response_model=ScoreResponse,
-    responses={413: {"model": ErrorResponse, "description": "too many candidates or body too large"},
+    responses={401: {"model": ErrorResponse, "description": "explain (or, with require_api_key_for_scoring, any "
+                                                            "request) without the API key"},
+               413: {"model": ErrorResponse, "description": "too many candidates or body too large"},
                422: {"model": ErrorResponse, "description": "invalid request (field and reason)"}},
     summary="Score candidates for a user",
     openapi_extra=_REQUEST_BODY_DOC,
@@ -60,6 +68,8 @@ async def score(request: Request, runtime: Runtime = Depends(get_runtime)) -> Re
     When Redis is down or slower than the budget the user is scored without history and
     `degraded` is true (never a 5xx)."""
     req = parse_score_request(await request.body(), request.headers.get("content-type"))
+    if req.explain:
+        check_api_key(request, runtime.settings, why=EXPLAIN_NEEDS_KEY)
     # Serialised once by the scorer (timed as the `serialize` stage), not re-validated by FastAPI.
     return Response(await runtime.scorer.score_json(req), media_type="application/json")
 
@@ -67,12 +77,17 @@ async def score(request: Request, runtime: Runtime = Depends(get_runtime)) -> Re
 @router.post(
     "/v1/score:batch",
     response_model=BatchScoreResponse,
-    responses={413: {"model": ErrorResponse, "description": "too many candidates in all (max_candidates) or body "
+    responses={401: {"model": ErrorResponse, "description": "explain (or, with require_api_key_for_scoring, any "
+                                                            "request) without the API key"},
+               413: {"model": ErrorResponse, "description": "too many candidates in all (max_candidates) or body "
                                                             "too large"},
                422: {"model": ErrorResponse, "description": "invalid request (field and reason)"}},
     summary="Score candidates for several users in one model call",
 )
-async def score_batch(body: BatchScoreRequest, runtime: Runtime = Depends(get_runtime)) -> Response:  # noqa: B008
+async def score_batch(body: BatchScoreRequest, request: Request,
+                      runtime: Runtime = Depends(get_runtime)) -> Response:  # noqa: B008
     """Each request is a /v1/score body (its own user, candidates, request_time, explain); each result is
     exactly that request's /v1/score answer, `degraded` per user. All candidates go through one model call."""
+    if any(r.explain for r in body.requests):
+        check_api_key(request, runtime.settings, why=EXPLAIN_NEEDS_KEY)
     return Response(await score_batch_json(runtime.scorer, body), media_type="application/json")

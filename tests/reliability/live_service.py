@@ -61,7 +61,9 @@ class LiveService:
     """
 
     def __init__(self, *, bundle: Path, redis_url: str, log_path: Path,
-                 settings: Mapping[str, object] | None = None) -> None:
+                 settings: Mapping[str, object] | None = None, open_file_limit: int | None = None) -> None:
+        """open_file_limit: run the service with RLIMIT_NOFILE soft = hard = this (as a small container would)."""
+        self.open_file_limit = open_file_limit
         self.bundle = Path(bundle)
         self.redis_url = redis_url
         self.log_path = Path(log_path)
@@ -85,9 +87,15 @@ class LiveService:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=clean_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=self._limit_files)
         self.wait_up(timeout_s=timeout_s, path="/readyz" if ready else "/livez")
         return self
+
+    def _limit_files(self) -> None:
+        if self.open_file_limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_file_limit, self.open_file_limit))
 
     def wait_up(self, *, timeout_s: float = 90.0, path: str = "/readyz") -> None:
         deadline = time.monotonic() + timeout_s

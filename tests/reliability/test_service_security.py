@@ -101,6 +101,56 @@ def test_api_key_required_on_write_and_admin_routes(secured: dict[str, Any], rec
                   "`/v1/model`, `/readyz` without a key: 200.\n")
 
 
+def _absolute_paths(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"(?<![\w.:/])/(?:[\w.\-]+/)+[\w.\-]*", text)
+
+
+def test_history_contents_and_host_paths_are_not_public(secured: dict[str, Any], tiny_bundle: BuiltBundle,
+                                                        start_service: Any, record_figure: Any) -> None:
+    """`explain` (another user's item ids, click/skip types, timestamps) needs the key; /v1/model and /readyz name no
+    absolute path (bundle dir, training log, kernel library); scoring can require the key; /docs, /openapi.json and
+    /metrics can be switched off."""
+    svc: LiveService = secured["svc"]
+    key = {"X-API-Key": API_KEY}
+    victim = {"events": [{"user_id": "victim", "item_id": "1", "timestamp": time.time() - 60, "event": "click"}]}
+    explain = {"user_id": "victim", "candidates": [{"item_id": "1"}], "explain": True}
+    with httpx.Client(base_url=svc.url, timeout=30) as c:
+        assert c.post("/v1/events", json=victim, headers=key).status_code == 200
+        anonymous = c.post("/v1/score", json=explain)
+        batch = c.post("/v1/score:batch", json={"requests": [explain]})
+        assert c.post("/v1/score", json=explain, headers=key).json()["explanations"][0]["top_history"]
+        assert c.post("/v1/score", json={**explain, "explain": False}).status_code == 200  # plain scores stay open
+        model, ready = c.get("/v1/model"), c.get("/readyz")
+    assert anonymous.status_code == 401 and "explain" in anonymous.json()["message"], anonymous.text
+    assert batch.status_code == 401 and "victim" not in batch.text
+    assert model.status_code == 200 and ready.status_code == 200
+    leaks = {"/v1/model": _absolute_paths(model.text), "/readyz": _absolute_paths(ready.text)}
+    assert leaks == {"/v1/model": [], "/readyz": []}
+    assert model.json()["serving"]["path"] == "v1"  # relative to the model directory
+    assert str(secured["models"]) not in model.text + ready.text
+
+    locked = start_service(bundle=tiny_bundle.bundle, redis_url=secured["svc"].redis_url, api_key=API_KEY,
+                           require_api_key_for_scoring=True, serve_docs=False, serve_metrics=False,
+                           key_prefix="sec-locked")
+    plain = {"user_id": "victim", "candidates": [{"item_id": "1"}]}
+    with httpx.Client(base_url=locked.url, timeout=30) as c:
+        codes = {"score, no key": c.post("/v1/score", json=plain).status_code,
+                 "batch, no key": c.post("/v1/score:batch", json={"requests": [plain]}).status_code,
+                 "score, key": c.post("/v1/score", json=plain, headers=key).status_code,
+                 "/docs": c.get("/docs").status_code, "/openapi.json": c.get("/openapi.json").status_code,
+                 "/metrics": c.get("/metrics").status_code, "/readyz": c.get("/readyz").status_code}
+    assert codes == {"score, no key": 401, "batch, no key": 401, "score, key": 200, "/docs": 404,
+                     "/openapi.json": 404, "/metrics": 404, "/readyz": 200}
+    record_figure("history contents, host paths, docs and metrics",
+                  f"With `POLARITY_API_KEY` set: `explain: true` without the key {anonymous.status_code} "
+                  f"(`/v1/score`), {batch.status_code} (`/v1/score:batch`); absolute paths in `/v1/model` and "
+                  f"`/readyz`: {sum(map(len, leaks.values()))}. With `POLARITY_REQUIRE_API_KEY_FOR_SCORING=true`, "
+                  "`POLARITY_SERVE_DOCS=false`, `POLARITY_SERVE_METRICS=false`: "
+                  + ", ".join(f"{k} {v}" for k, v in codes.items()) + ".\n")
+
+
 def _compare_nodes_on_key(tree: ast.AST) -> list[int]:
     """Line numbers of ==/!= comparisons whose operands mention the API key."""
     lines = []
@@ -254,7 +304,8 @@ def test_no_key_or_history_content_in_logs(start_service: Any, tmp_path: Path, t
                           headers={"Authorization": f"Bearer {marks['wrong key']}"}).status_code == 401
             score = {"user_id": marks["user"], "explain": True,
                      "candidates": [{"item_id": marks["item"], "category": marks["category"]}]}
-            assert c.post("/v1/score", json=score).status_code == 200
+            assert c.post("/v1/score", json=score).status_code == 401  # explain shows history: key needed
+            assert c.post("/v1/score", json=score, headers=ok).status_code == 200
             bad = {"events": [dict(events["events"][0], label=7)]}
             r = c.post("/v1/events", json=bad, headers=ok)
             assert r.status_code == 422
@@ -265,7 +316,7 @@ def test_no_key_or_history_content_in_logs(start_service: Any, tmp_path: Path, t
                           headers={"Content-Type": "application/json"}).status_code == 422
             server.stop()  # Redis errors are logged too: with what?
             assert c.post("/v1/events", json=events, headers=ok).status_code == 503
-            assert c.post("/v1/score", json=score).json()["degraded"] is True
+            assert c.post("/v1/score", json=score, headers=ok).json()["degraded"] is True
             server.start()
             time.sleep(0.5)
             assert c.post("/v1/events", json=events, headers=ok).status_code == 200

@@ -63,10 +63,12 @@ async def test_batch_has_the_limits_and_errors_of_score(make_settings: SettingsF
         over = await client.post("/v1/score:batch", json={"requests": [score_body("a", items=ITEMS[:3]),
                                                                        score_body("b", items=ITEMS[:3])]})
         assert over.status_code == 413 and over.json()["error"] == "too_many_candidates"
-        assert "6 candidates in one batch" in over.json()["message"]
+        # Refused while the body arrived, before the parse (service/admission.py), counted over all its requests.
+        assert "more than 5 candidates in one request" in over.json()["message"]
+        assert "the limit is 5" in over.json()["message"]
         empty = await client.post("/v1/score:batch", json={"requests": []})
         assert empty.status_code == 422 and empty.json()["fields"][0]["field"] == "body.requests"
-        bad = await client.post("/v1/score:batch", json={"requests": [score_body("a"), {
+        bad = await client.post("/v1/score:batch", json={"requests": [score_body("a", items=ITEMS[:2]), {
             "user_id": "b", "candidates": [{"item_id": ""}], "request_time": T0}]})
         assert bad.status_code == 422
         assert bad.json()["fields"][0]["field"] == "body.requests.1.candidates.0.item_id"

@@ -4,6 +4,7 @@ routes that need the key, the 503s, and the Prometheus content type of /metrics.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jsonschema
@@ -14,7 +15,7 @@ from referencing.jsonschema import DRAFT202012
 from service_harness import SettingsFactory, serving
 
 from service.app import create_app
-from service.openapi import EXAMPLES
+from service.openapi import EXAMPLES, timed_examples
 
 pytestmark = [pytest.mark.redis]
 
@@ -62,7 +63,8 @@ def test_the_document_is_valid_openapi_and_every_body_has_a_valid_example(make_s
                 _validator(doc, entry["schema"]).validate(entry["example"])
                 bodies += 1
     assert bodies >= 20
-    for name, example in EXAMPLES.items():  # the component schemas carry the same examples
+    built_at = doc["components"]["schemas"]["ScoreRequest"]["examples"][0]["request_time"]
+    for name, example in timed_examples(built_at).items():  # the component schemas carry the same examples
         schema = doc["components"]["schemas"][name]
         assert schema["examples"] == [example]
         _validator(doc, schema).validate(example)
@@ -71,7 +73,10 @@ def test_the_document_is_valid_openapi_and_every_body_has_a_valid_example(make_s
 def test_score_example_has_a_real_request_time(make_settings: SettingsFactory) -> None:
     doc = _document(make_settings)
     example = doc["paths"]["/v1/score"]["post"]["requestBody"]["content"]["application/json"]["example"]
-    assert example["request_time"] > 1.6e9 and len(example["candidates"]) >= 2
+    assert abs(example["request_time"] - time.time()) < 120 and len(example["candidates"]) >= 2  # now, not 0 or 2024
+    events = doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["example"]["events"]
+    assert all(example["request_time"] - 600 < e["timestamp"] < example["request_time"] for e in events)
+    assert set(EXAMPLES) == set(timed_examples(time.time()))
 
 
 def test_security_scheme_is_on_the_routes_that_need_the_key(make_settings: SettingsFactory) -> None:
@@ -83,6 +88,9 @@ def test_security_scheme_is_on_the_routes_that_need_the_key(make_settings: Setti
     secured = {(p, m) for p, m, op in _operations(doc) if "security" in op}
     assert secured == {("/v1/events", "post"), ("/v1/admin/reload", "post")}
     assert doc["paths"]["/v1/events"]["post"]["security"] == [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+    locked = _document(make_settings, api_key=KEY, require_api_key_for_scoring=True)
+    assert {(p, m) for p, m, op in _operations(locked) if "security" in op} == secured | {
+        ("/v1/score", "post"), ("/v1/score:batch", "post")}
 
 
 def test_503s_and_the_metrics_content_type_are_documented(make_settings: SettingsFactory) -> None:

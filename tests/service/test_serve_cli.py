@@ -18,8 +18,9 @@ from service.inference import CUDA, available_providers
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def polarity(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def polarity(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**(os.environ if env is None else env),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "model.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, **kwargs)
 
@@ -49,6 +50,16 @@ def test_serve_refuses_a_tampered_bundle(tiny_bundle: Any, tmp_path: Path) -> No
     proc = polarity("serve", "--bundle", str(bad), "--device", "cpu")
     assert proc.returncode == 2
     assert "sha256 mismatch" in proc.stderr or "bytes but the manifest" in proc.stderr
+
+
+def test_serve_refuses_a_misspelt_environment_variable(tiny_bundle: Any) -> None:
+    """POLARITY_REDIS_ULR used to fall back to the default Redis (another process's) and log "redis reachable"."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("POLARITY_")}
+    proc = polarity("serve", "--bundle", str(tiny_bundle.bundle), "--port", str(free_port()),
+                    env={**env, "POLARITY_REDIS_ULR": "redis://10.1.2.3:6379/0"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unknown environment variable POLARITY_REDIS_ULR: did you mean POLARITY_REDIS_URL?" in proc.stderr
+    assert "Traceback" not in proc.stderr and "redis reachable" not in proc.stderr
 
 
 @pytest.mark.redis

@@ -57,3 +57,33 @@ def test_event_mapping_rules() -> None:
     unknown = m.map(row(event="teleport"))
     assert unknown.event is None and unknown.reason is not None and "teleport" in unknown.reason
     assert m.map(row()).event is None
+
+
+def test_a_misspelt_environment_variable_is_refused_naming_the_closest_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POLARITY_REDIS_ULR", "redis://10.0.0.9:6379/0")
+    with pytest.raises(ValidationError, match=r"unknown environment variable POLARITY_REDIS_ULR: did you mean "
+                                              r"POLARITY_REDIS_URL\?"):
+        Settings()
+    monkeypatch.delenv("POLARITY_REDIS_ULR")
+    monkeypatch.setenv("polarity_max_candidats", "5")  # the environment is read case-insensitively
+    with pytest.raises(ValidationError, match=r"polarity_max_candidats: did you mean POLARITY_MAX_CANDIDATES\?"):
+        Settings()
+    monkeypatch.delenv("polarity_max_candidats")
+    monkeypatch.setenv("POLARITY_TAPF_KERNEL", "off")  # read by export/custom_kernel.py: not a typo
+    monkeypatch.setenv("POLARITY_MAX_CANDIDATES", "5")
+    assert Settings().max_candidates == 5
+
+
+def test_every_polarity_variable_the_project_reads_is_a_setting_or_listed() -> None:
+    """The list of non-setting POLARITY_* variables must not rot: every name the sources mention is known."""
+    import re
+
+    from service.settings import ENV_PREFIX, OTHER_ENV_VARIABLES
+
+    root = Path(__file__).resolve().parents[2]
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | set(OTHER_ENV_VARIABLES)
+    sources = [p for d in ("model", "service", "export", "loadtest", "deploy", "tests") for p in (root / d).rglob("*")
+               if p.suffix in {".py", ".yaml", ".yml", ".sh", ".toml"} or p.name.startswith("Dockerfile")]
+    mentioned = {m for p in sources if p.is_file() for m in re.findall(r"POLARITY_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
+    mentioned -= {"POLARITY_REDIS_ULR", "POLARITY_MAX_CANDIDATS", "POLARITY_NO_SUCH_SETTING"}  # the typos tested here
+    assert sorted(mentioned - known) == []
