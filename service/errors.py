@@ -25,10 +25,12 @@ class ServiceError(Exception):
     status = 500
     code = "internal"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}  # further body fields (e.g. per-event results of a partly refused write)
 
 
 class BodyTooLarge(ServiceError):
@@ -67,6 +69,17 @@ class StoreUnavailable(ServiceError):
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class StoreFull(ServiceError):
+    """Redis refused writes for memory (maxmemory + noeviction). The body says per event what was stored
+    (`results`: accepted / duplicate / rejected / not_stored); resending the not_stored rows is safe."""
+
+    status = 503
+    code = "redis_out_of_memory"
+
+    def __init__(self, message: str, *, retry_after_s: int, extra: dict[str, Any]) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, extra=extra)
 
 
 class NotReady(ServiceError):
@@ -122,7 +135,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.code, exc.message, **exc.extra), status_code=exc.status,
+                            headers=exc.headers)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

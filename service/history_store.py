@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring as _json_string  # C when available
@@ -42,6 +43,7 @@ from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -60,6 +62,7 @@ from service.history_scripts import APPEND_SCRIPT, READ_SCRIPT
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
+NOT_STORED = "not_stored"  # its script call was refused (Redis out of memory): nothing of it was written
 
 # Members start with the arrival counter zero-padded to 16 digits ('%016d' in the script): Lua
 # numbers are exact integers up to 2**53, which has 16 digits.
@@ -101,6 +104,20 @@ class UnreadableHistory(HistoryStoreError, ValueError):
 
 class HistoryStoreUnavailable(HistoryStoreError):
     """Redis could not be reached in time (connection refused or lost, timeout, read-only replica)."""
+
+
+class HistoryStoreFull(HistoryStoreError):
+    """Redis refused writes: `maxmemory` reached under the `noeviction` policy (an OOM error).
+
+    A script call that gets OOM has written nothing (Redis checks memory at a script's first write
+    and lets a script that has started writing finish), so per event the write is exact:
+    `outcomes` holds, in input order, "accepted" / "duplicate" / ... for the events of the calls
+    that ran and "not_stored" for the others. Resending exactly the "not_stored" events is safe
+    with or without event ids."""
+
+    def __init__(self, message: str, *, outcomes: list[str]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
 
 
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -166,6 +183,7 @@ class HistoryStore:
         self.key_prefix = key_prefix
         self._append_script = redis.register_script(APPEND_SCRIPT)
         self._read_script = redis.register_script(READ_SCRIPT)
+        self.last_out_of_memory: float | None = None  # time.time() of the last write Redis refused for memory
 
     # ----------------------------------------------------------------------------------- keys
 
@@ -222,15 +240,27 @@ class HistoryStore:
         """The I/O half of `append`: run the prepared calls; per event "accepted" or "duplicate"."""
         if not prepared.calls:
             return []
-        replies = await self._eval_many(self._append_script.sha, APPEND_SCRIPT, prepared.calls)
+        replies = await self._eval_many(self._append_script.sha, APPEND_SCRIPT, prepared.calls,
+                                        keep=(OutOfMemoryError,))
         out = [DUPLICATE] * prepared.n_events
+        refused: OutOfMemoryError | None = None
         for call_rows, reply in zip(prepared.rows_per_call, replies, strict=True):
+            if isinstance(reply, OutOfMemoryError):
+                refused = reply
+                for i in call_rows:
+                    out[i] = NOT_STORED
+                continue
             flags = list(reply)
             if len(flags) != len(call_rows):
                 raise HistoryStoreError(f"append script answered {len(flags)} outcomes, not {len(call_rows)}")
             for i, flag in zip(call_rows, flags, strict=True):
                 if int(flag) == 1:
                     out[i] = ACCEPTED
+        if refused is not None:
+            self.last_out_of_memory = time.time()
+            n = out.count(NOT_STORED)
+            raise HistoryStoreFull(f"redis out of memory (maxmemory reached): {n} of {len(out)} events not stored; "
+                                   f"{str(refused).split('.')[0]}", outcomes=out)
         return out
 
     def _user_base(self, user_id: str) -> str:
@@ -324,10 +354,13 @@ class HistoryStore:
                     raise HistoryStoreError(f"SCRIPT LOAD returned {loaded!r}, expected {sha}") from None
                 return await self.redis.evalsha(sha, len(keys), *keys, *args)
 
-    async def _eval_many(self, sha: str, script: str, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+    async def _eval_many(self, sha: str, script: str, calls: list[tuple[list[str], list[str]]], *,
+                         keep: tuple[type[Exception], ...] = ()) -> list[Any]:
         """EVALSHA once per call, pipelined (one round trip); loads the script on NOSCRIPT.
 
-        A script that failed with NOSCRIPT did not run, so re-running exactly those is safe.
+        A script that failed with NOSCRIPT did not run, so re-running exactly those is safe. A call
+        that failed with an error of a `keep` type gets that error as its result (the other calls'
+        results still come back); any other error is raised.
         """
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -350,6 +383,8 @@ class HistoryStore:
                         # restarted master) as a reply instead of retrying it: retry once, as the
                         # single-node client's Retry does (same at-least-once caveat, see above).
                         lost.append(i)
+                    elif isinstance(reply, keep):
+                        results[i] = reply
                     elif isinstance(reply, Exception):
                         raise reply
                     else:

@@ -89,7 +89,9 @@ class EventsRequest(_Strict):
     events: list[EventIn] = Field(min_length=1)
 
 
-EventStatus = Literal["accepted", "duplicate", "rejected"]
+# accepted: stored; duplicate: its event_id was seen before; rejected: invalid (see reason); not_stored: Redis
+# refused the write (out of memory, only in a 503 body): resend exactly these rows.
+EventStatus = Literal["accepted", "duplicate", "rejected", "not_stored"]
 
 
 class EventResult(BaseModel):
@@ -102,6 +104,7 @@ class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
     rejected: int
+    not_stored: int = Field(default=0, description="rows Redis refused (out of memory): non-zero only in a 503 body")
     results: list[EventResult]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,6 +30,7 @@ async def readiness(runtime: Runtime | None) -> tuple[bool, dict[str, Any]]:
     except TimeoutError:
         redis_ok = False
     details: dict[str, Any] = {"redis": "ok" if redis_ok else "unavailable", "model_loaded": runtime.slot.loaded}
+    details["redis_memory"] = memory_state(runtime.store.last_out_of_memory)
     if runtime.slot.loaded:
         model = runtime.slot.current
         backend = model.backend
@@ -38,6 +40,20 @@ async def readiness(runtime: Runtime | None) -> tuple[bool, dict[str, Any]]:
         details["kernel"] = {**kernel_status(), "in_use": backend.kernel,
                              "registered": bool(getattr(backend, "kernel_registered", False))}
     return bool(redis_ok and runtime.slot.loaded), details
+
+
+# A refused write is shown this long in /readyz (then "ok" again unless another write is refused).
+OUT_OF_MEMORY_SHOWN_S = 60.0
+
+
+def memory_state(last_out_of_memory: float | None) -> str:
+    """"ok", or "full: ..." while Redis refused a write for memory (maxmemory) less than a minute ago."""
+    if last_out_of_memory is None:
+        return "ok"
+    ago = time.time() - last_out_of_memory
+    if ago > OUT_OF_MEMORY_SHOWN_S:
+        return "ok"
+    return f"full: Redis refused a write for memory (maxmemory, OOM) {ago:.0f} s ago"
 
 
 @router.get("/readyz", summary="Readiness: Redis PING, model loaded, provider and kernel in details",

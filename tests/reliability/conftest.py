@@ -69,7 +69,8 @@ def record_figure(request: pytest.FixtureRequest) -> Iterator[Callable[[str, str
     out = os.environ.get("POLARITY_RELIABILITY_REPORT")
     if not out or not figures:
         return
-    from loadtest.bench.registry import machine, update_section
+    from loadtest.bench.report import update_section
+    from model.machine import describe_machine as machine
 
     outcome = request.node.stash.get(_OUTCOME, "error")
     name = "reliability-" + request.node.name.removeprefix("test_").replace("[", "-").rstrip("]").replace("_", "-")
