@@ -71,6 +71,15 @@ class ServiceMetrics:
         self.ingest_batches = Counter(
             "polarity_ingest_batches_total", "Stream batches processed", ("outcome",), registry=r
         )
+        self.redis_up = Gauge("polarity_redis_up", "1 while Redis answers PING (checked every second)", registry=r)
+        self.redis_durable = Gauge(
+            "polarity_redis_durable", "Redis persistence: 1 AOF or RDB on, 0 neither (a restart loses events), "
+            "-1 unknown (CONFIG refused)", registry=r,
+        )
+        self.events_ready = Gauge(
+            "polarity_events_ready", "1 while POST /v1/events can store events (/readyz/events answers 200)",
+            registry=r,
+        )
         self.microbatch_size = Histogram(
             "polarity_microbatch_requests", "Score requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         default=50, ge=1, description="/v1/score answers from an empty history when Redis takes longer"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 answers")
+    require_durable_redis: bool = Field(
+        default=False, description="refuse to start (and refuse event writes) when Redis has neither AOF nor RDB "
+        "on, or its persistence cannot be read (CONFIG disabled)",
+    )
+    redis_watch_interval_s: float = Field(
+        default=1.0, gt=0, description="how often Redis is PINGed to notice (and log) an outage and a reconnect",
+    )
 
     # --- events
     event_polarity: dict[str, int] = Field(default_factory=lambda: dict(ENGAGEMENT_POLARITY))

@@ -29,6 +29,10 @@ router = APIRouter(tags=["events"])
 async def post_events(body: EventsRequest, runtime: Runtime = Depends(get_runtime)) -> EventsResponse:  # noqa: B008
     """Each row is accepted, a duplicate (its event_id was seen before) or rejected with a reason.
     A late event lands at its timestamp position."""
+    refused = runtime.watch.durability_refused()
+    if refused is not None:
+        raise StoreUnavailable(f"events are not accepted now: {refused}; nothing was stored",
+                               retry_after_s=runtime.settings.retry_after_s)
     limit = runtime.settings.max_events
     if len(body.events) > limit:
         raise TooManyEvents(f"{len(body.events)} events in one request; the limit is {limit} "

@@ -139,8 +139,11 @@ async def test_redis_down_degrades_scores_and_refuses_writes(make_settings: Sett
         w = await client.post("/v1/events", json={"events": events("erin", ITEMS[:1], "click")})
         assert w.status_code == 503 and w.headers["Retry-After"] == "3"
         assert w.json()["error"] == "redis_unavailable" and "no event is reported as accepted" in w.json()["message"]
+        # Still ready: it can answer /v1/score (degraded); the events signal says Redis is down.
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["details"]["redis"] == "unavailable"
+        assert ready.status_code == 200 and ready.json()["details"]["redis"] == "down"
+        events_ready = await client.get("/readyz/events")
+        assert events_ready.status_code == 503 and "redis down" in events_ready.json()["details"]["reason"]
         assert (await client.get("/livez")).status_code == 200
         text = (await client.get("/metrics")).text
         degraded = sum(metric_value(text, "polarity_degraded_responses_total", reason=r)
