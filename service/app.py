@@ -94,8 +94,8 @@ def create_app(
             scorer = (ServedLogScorer(served_share=settings.served_log_share, stream=settings.served_log_stream,
                                       maxlen=settings.served_log_maxlen, **scorer_parts)
                       if settings.served_log_share > 0 else Scorer(**scorer_parts))
-            writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity),
-                                 metrics=service_metrics)
+            mapping = EventMapping(polarity=settings.event_polarity, max_clock_skew_s=settings.max_clock_skew_s)
+            writer = EventWriter(store=store, mapping=mapping, metrics=service_metrics)
             if settings.metrics_port is not None:
                 metrics_server = start_metrics_server(settings, service_metrics)
             app.state.runtime = Runtime(settings=settings, metrics=service_metrics, redis=store.redis, store=store,

@@ -82,6 +82,28 @@ class StoreFull(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after_s)}, extra=extra)
 
 
+class InvalidField(ServiceError):
+    """A field that passed the schema but not a check that needs the server (e.g. a time past its clock)."""
+
+    status = 422
+    code = "validation_error"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}", extra={"fields": [{"field": field, "reason": reason}]})
+
+
+class NonFiniteScore(ServiceError):
+    """The model produced a NaN or infinite score: answered 500 with an error id (logged with the same id),
+    never a null or NaN score in a 200."""
+
+    status = 500
+    code = "non_finite_score"
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"the model produced a score that is not a finite number; error id {error_id} (the "
+                         "service log has it)", extra={"error_id": error_id})
+
+
 class NotReady(ServiceError):
     status = 503
     code = "not_ready"

@@ -9,7 +9,8 @@ entry, so on Redis Cluster a call that groups users of one hash slot is allowed.
 # The events' text holds, per user in KEYS order, a line with his event count, then per event two
 # lines: ('p' or 'n') .. timestamp, and the payload (compact JSON: it never holds a raw newline;
 # event ids may, so they travel as arguments of their own). Returns per event, in that order,
-# 1 (accepted) / 0 (duplicate).
+# 1 (accepted) / 0 (duplicate) / 2 (dropped: older than the newest cap-many of its history, so
+# trimmed at once; its id is still remembered).
 #
 # Every user's keys get what the one-user-per-call script gave them: an id is a duplicate while
 # its dedupe entry has not expired, accepted events take the next arrival counters in order, both
@@ -30,7 +31,7 @@ entry, so on Redis Cluster a call that groups users of one hash slot is allowed.
 # - no trim while the user's counter is within cap (nothing to remove: see the script).
 APPEND_SCRIPT = """
 local cap = tonumber(ARGV[1])
-local trim = tostring(-(cap + 1))
+local trim_rank = tostring(-(cap + 1))
 local ttl = ARGV[2]
 local dttl = ARGV[3]
 local text = ARGV[4]
@@ -38,13 +39,26 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local find, sub, byte, format = string.find, string.sub, string.byte, string.format
 local expiry = format('%d', tonumber(t[1]) + tonumber(dttl) + 1)
+local out = {}
+-- Trim a history to cap; a fresh event that fell out at once (older than the newest cap-many) is
+-- answered 2 (dropped), not 1: it was never readable. scored: score, member pairs of the fresh events
+-- of that history, es: their indices in out.
+local function trim(key, scored, es)
+  if redis.call('ZREMRANGEBYRANK', key, '0', trim_rank) > 0 and #es > 0 then
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local m0, s0 = first[1], tonumber(first[2])
+    for j = 1, #es do
+      local s = tonumber(scored[2 * j - 1])
+      if s < s0 or (s == s0 and scored[2 * j] < m0) then out[es[j]] = 2 end
+    end
+  end
+end
 local function zadd(key, scored)
   -- unpack() is bounded by the Lua stack: at most 500 members per ZADD
   for lo = 1, #scored, 1000 do
     redis.call('ZADD', key, unpack(scored, lo, math.min(lo + 999, #scored)))
   end
 end
-local out = {}
 local at = 1  -- read position in text
 local e = 0  -- events read so far
 for u = 0, #KEYS / 4 - 1 do
@@ -53,6 +67,7 @@ for u = 0, #KEYS / 4 - 1 do
   local n = tonumber(sub(text, at, stop - 1))
   at = stop + 1
   local fresh = {}
+  local fresh_e = {}  -- index in out of each fresh event
   local ids = false
   for _ = 1, n do
     e = e + 1
@@ -74,6 +89,7 @@ for u = 0, #KEYS / 4 - 1 do
       fresh[#fresh + 1] = at  -- 'p'/'n' at `at`, timestamp up to head_end, then the payload
       fresh[#fresh + 1] = head_end
       fresh[#fresh + 1] = payload_end
+      fresh_e[#fresh_e + 1] = e
       out[e] = 1
     else
       out[e] = 0
@@ -84,21 +100,22 @@ for u = 0, #KEYS / 4 - 1 do
   if nfresh > 0 then
     local total = redis.call('INCRBY', kseq, format('%d', nfresh))
     local s = total - nfresh
-    local pos, neg = {}, {}
+    local pos, neg, pos_e, neg_e = {}, {}, {}, {}
     for j = 1, nfresh do
       local from, head_end, payload_end = fresh[3 * j - 2], fresh[3 * j - 1], fresh[3 * j]
-      local z = neg
-      if byte(text, from) == 112 then z = pos end  -- 'p'
+      local z, ze = neg, neg_e
+      if byte(text, from) == 112 then z, ze = pos, pos_e end  -- 'p'
       z[#z + 1] = sub(text, from + 1, head_end - 1)
       z[#z + 1] = format('%016d:%s', s + j, sub(text, head_end + 1, payload_end - 1))
+      ze[#ze + 1] = fresh_e[j]
     end
     if #pos > 0 then zadd(kpos, pos) end
     if #neg > 0 then zadd(kneg, neg) end
     -- The counter counts every event ever added to either history (it is set and expires with
     -- them): while it is within cap, neither history can be longer than cap.
     if total > cap then
-      redis.call('ZREMRANGEBYRANK', kpos, '0', trim)
-      redis.call('ZREMRANGEBYRANK', kneg, '0', trim)
+      trim(kpos, pos, pos_e)
+      trim(kneg, neg, neg_e)
     end
     if ids and math.floor(s / 64) ~= math.floor(total / 64) then
       redis.call('ZREMRANGEBYSCORE', kded, '-inf', t[1])

@@ -62,6 +62,7 @@ from service.history_scripts import APPEND_SCRIPT, READ_SCRIPT
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
+DROPPED = "dropped"  # written, but older than the newest `cap` of its history: trimmed at once, never readable
 NOT_STORED = "not_stored"  # its script call was refused (Redis out of memory): nothing of it was written
 
 # Members start with the arrival counter zero-padded to 16 digits ('%016d' in the script): Lua
@@ -196,7 +197,8 @@ class HistoryStore:
     # ---------------------------------------------------------------------------------- write
 
     async def append(self, events: Sequence[HistoryEvent]) -> list[str]:
-        """Write events; per event (input order) "accepted" or "duplicate" (event_id seen before).
+        """Write events; per event (input order) "accepted", "duplicate" (event_id seen before) or "dropped"
+        (older than the newest `cap` events of its history: trimmed at once).
 
         Atomic per user; all users in one round trip. Every event is validated before anything is
         written, so a bad event (ValueError) writes nothing.
@@ -254,8 +256,11 @@ class HistoryStore:
             if len(flags) != len(call_rows):
                 raise HistoryStoreError(f"append script answered {len(flags)} outcomes, not {len(call_rows)}")
             for i, flag in zip(call_rows, flags, strict=True):
-                if int(flag) == 1:
+                code = int(flag)
+                if code == 1:
                     out[i] = ACCEPTED
+                elif code == 2:
+                    out[i] = DROPPED
         if refused is not None:
             self.last_out_of_memory = time.time()
             n = out.count(NOT_STORED)

@@ -375,7 +375,8 @@ async def run_ingester(settings: Any, *, stream: str, group: str, consumer: str,
     stream_redis = create_redis(settings.redis_url, connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
                                 op_timeout_s=block_ms / 1000.0 + settings.redis_timeout_ms / 1000.0 + 1.0,
                                 max_connections=4, retries=settings.redis_retries)
-    writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity), metrics=metrics)
+    mapping = EventMapping(polarity=settings.event_polarity, max_clock_skew_s=settings.max_clock_skew_s)
+    writer = EventWriter(store=store, mapping=mapping, metrics=metrics)
     server = start_metrics_server(settings, metrics) if settings.metrics_port is not None else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

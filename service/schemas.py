@@ -90,8 +90,9 @@ class EventsRequest(_Strict):
 
 
 # accepted: stored; duplicate: its event_id was seen before; rejected: invalid (see reason); not_stored: Redis
-# refused the write (out of memory, only in a 503 body): resend exactly these rows.
-EventStatus = Literal["accepted", "duplicate", "rejected", "not_stored"]
+# refused the write (out of memory, only in a 503 body): resend exactly these rows; dropped: older than the newest
+# history_cap events of its polarity, so trimmed at once (its event_id is remembered).
+EventStatus = Literal["accepted", "duplicate", "rejected", "dropped", "not_stored"]
 
 
 class EventResult(BaseModel):
@@ -104,6 +105,7 @@ class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
     rejected: int
+    dropped: int = Field(default=0, description="rows too old for the capped history (trimmed at once)")
     not_stored: int = Field(default=0, description="rows Redis refused (out of memory): non-zero only in a 503 body")
     results: list[EventResult]
 

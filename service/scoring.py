@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from model.features.inputs import INPUT_NAMES, InputArrays, inputs_from_sequence
 from model.features.sequence import SequenceBatch
 from model.features.spec import FIRST_ID_INDEX
 from service.assembly import assemble_sequences
-from service.errors import TooManyCandidates
+from service.errors import InvalidField, NonFiniteScore, TooManyCandidates
 from service.history_columns import UserHistory
 from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable
 from service.metrics import STAGES, ServiceMetrics
@@ -29,6 +30,7 @@ from service.model_slot import LoadedModel, ModelSlot
 from service.request_context import user_digest
 from service.schemas import Explanation, HistoryToken, ScoreRequest, ScoreResponse
 from service.settings import Settings
+from service.time_bounds import timestamp_problem
 
 log = logging.getLogger("polarity.service")
 
@@ -82,6 +84,15 @@ class Scorer:
             return UserHistory.empty(), reason
         return history, None
 
+    def cutoff(self, request_time: float | None, now: float, *, field: str) -> float:
+        """The sequence cut-off: `request_time` (422 naming `field` outside [2000-01-01, now + skew]) or now."""
+        if request_time is None:
+            return now
+        problem = timestamp_problem(request_time, now=now, max_skew_s=self.settings.max_clock_skew_s)
+        if problem is not None:
+            raise InvalidField(field, problem)
+        return request_time
+
     async def infer(self, model: LoadedModel, inputs: InputArrays, *, attention: bool = True) -> Scored:
         """The model's outputs (`attention` only when asked). A call of at most `inference_inline_max_candidates`
         runs right here on the event loop: the hand-off to a worker thread and back (two wake-ups, each of which
@@ -112,7 +123,7 @@ class Scorer:
             raise TooManyCandidates(f"{n} candidates in one request; the limit is {self.settings.max_candidates} "
                                     "(POLARITY_MAX_CANDIDATES): split the request")
         self.metrics.candidates.observe(n)
-        cutoff = req.request_time if req.request_time is not None else time.time()
+        cutoff = self.cutoff(req.request_time, time.time(), field="body.request_time")
         history, reason = await self.read_history(req.user_id)
         model = self.slot.current  # this request uses this model to the end, even across a reload
 
@@ -127,6 +138,7 @@ class Scorer:
         self._stage["sequence_build"].observe(t1 - t0)
 
         scored = await self.infer(model, inputs, attention=req.explain)
+        check_finite(scored.probs)
         t2 = time.perf_counter()
         self._stage["inference"].observe(t2 - t1)
         self.after_inference(req, model=model, cutoff=cutoff, seqs=seqs, inputs=inputs, scored=scored, degraded=reason)
@@ -141,6 +153,17 @@ class Scorer:
                              degraded_reason=reason, explanations=explanations)
         self._stage["serialize"].observe(time.perf_counter() - t2)
         return body
+
+
+def check_finite(probs: np.ndarray) -> None:
+    """Never a NaN, infinite or null score in an answer: a model output that is not finite is a server fault,
+    answered 500 with an error id that the log line carries too."""
+    if not np.isfinite(probs).all():
+        error_id = uuid.uuid4().hex[:12]
+        bad = int((~np.isfinite(probs)).sum())
+        log.error("non-finite score: %d of %d model outputs are NaN or infinite; error id %s", bad, probs.size,
+                  error_id)
+        raise NonFiniteScore(error_id)
 
 
 def response_json(*, scores: np.ndarray, model_version: str, positives: int, negatives: int,

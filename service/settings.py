@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         default=50, ge=1, description="/v1/score answers from an empty history when Redis takes longer"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 answers")
+    max_clock_skew_s: float = Field(
+        default=300.0, ge=0, description="event timestamps and request_time may be at most this far after the "
+        "server's clock (later ones are rejected: usually milliseconds sent as seconds); the earliest taken is "
+        "2000-01-01",
+    )
     require_durable_redis: bool = Field(
         default=False, description="refuse to start (and refuse event writes) when Redis has neither AOF nor RDB "
         "on, or its persistence cannot be read (CONFIG disabled)",

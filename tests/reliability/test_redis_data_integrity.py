@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -86,3 +87,78 @@ def test_full_redis_answers_503_with_exact_per_event_results(start_service: Any,
         f"- read back from Redis: exactly the {len(events) - len(not_stored)} accepted events, nothing partial\n"
         f"- after raising maxmemory, resending only the not_stored rows (no event ids): all 3,000 events stored "
         f"exactly once\n"))
+
+
+def test_future_millisecond_and_ancient_timestamps_are_refused(start_service: Any, private_redis: RedisProcess,
+                                                               tiny_bundle: Any, record_figure: Any) -> None:
+    """Item 2 and 13: an event in milliseconds, in the future past the skew, before 2000 or at ±1.7e308 is
+    rejected per event (the others of the request are stored); such a request_time is a 422 naming the field."""
+    svc: LiveService = start_service(bundle=tiny_bundle.bundle, redis_url=private_redis.url, key_prefix=PREFIX,
+                                     max_clock_skew_s=300)
+    now = time.time()
+    cases = {"milliseconds": now * 1000, "one hour ahead": now + 3600, "year 1999": 915_000_000.0,
+             "zero": 0.0, "-1.7e308": -1.7e308, "1.7e308": 1.7e308}
+    rows = [{"user_id": "clock", "item_id": f"bad-{k}", "timestamp": ts, "event": "click"}
+            for k, ts in enumerate(cases.values())]
+    rows.append({"user_id": "clock", "item_id": "good", "timestamp": now + 60, "event": "click"})  # within skew
+    with httpx.Client(base_url=svc.url, timeout=30) as client:
+        r = client.post("/v1/events", json={"events": rows})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [x["status"] for x in results] == ["rejected"] * len(cases) + ["accepted"], results
+        assert "milliseconds?" in results[0]["reason"] and results[0]["reason"].startswith("timestamp")
+        assert "future" in results[1]["reason"] and "before 2000" in results[2]["reason"]
+        answers = {}
+        for name, ts in cases.items():
+            s = client.post("/v1/score", json={"user_id": "clock", "candidates": [{"item_id": "1"}],
+                                               "request_time": ts})
+            answers[name] = s.status_code
+            assert s.status_code == 422, (name, s.status_code, s.text)
+            assert s.json()["fields"][0]["field"] == "body.request_time", s.json()
+        b = client.post("/v1/score:batch", json={"requests": [
+            {"user_id": "clock", "candidates": [{"item_id": "1"}]},
+            {"user_id": "clock", "candidates": [{"item_id": "1"}], "request_time": now * 1000}]})
+        assert b.status_code == 422 and b.json()["fields"][0]["field"] == "body.requests.1.request_time", b.text
+        ok = client.post("/v1/score", json={"user_id": "clock", "candidates": [{"item_id": "1"}],
+                                            "request_time": now + 120})
+        assert ok.status_code == 200 and ok.json()["history"]["positives"] == 1, ok.text
+    contents = RedisContents(private_redis.url, key_prefix=PREFIX)
+    try:
+        assert set(contents.item_counts()) == {"good"}
+    finally:
+        contents.close()
+    record_figure("timestamps in milliseconds, in the future, before 2000, at ±1.7e308", (
+        "| timestamp | POST /v1/events row | /v1/score request_time |\n|---|---|---|\n"
+        + "\n".join(f"| {name} | rejected: {results[k]['reason'][:60]}… | {answers[name]} |"
+                    for k, name in enumerate(cases))
+        + "\n| now + 60 s (within the 300 s skew) | accepted | 200 |\n"))
+
+
+def test_an_event_older_than_the_capped_history_is_reported_dropped(
+        start_service: Any, private_redis: RedisProcess, tiny_bundle: Any) -> None:
+    cap = 512  # the shipped default (the tiny bundle needs that many)
+    svc: LiveService = start_service(bundle=tiny_bundle.bundle, redis_url=private_redis.url, key_prefix=PREFIX,
+                                     history_cap=cap)
+    t0 = 1_700_000_000.0
+    newest = [{"event_id": f"n{k}", "user_id": "capped", "item_id": f"new-{k}", "timestamp": t0 + 100 + k,
+               "event": "click"} for k in range(cap)]
+    with httpx.Client(base_url=svc.url, timeout=30) as client:
+        assert client.post("/v1/events", json={"events": newest}).json()["accepted"] == cap
+        late = [{"event_id": "old", "user_id": "capped", "item_id": "old", "timestamp": t0, "event": "click"},
+                {"event_id": "newer", "user_id": "capped", "item_id": "newer", "timestamp": t0 + 1000,
+                 "event": "click"},
+                {"event_id": "other-polarity", "user_id": "capped", "item_id": "skip-old", "timestamp": t0,
+                 "event": "skip"}]
+        body = client.post("/v1/events", json={"events": late}).json()
+        assert [x["status"] for x in body["results"]] == ["dropped", "accepted", "accepted"], body
+        assert body["results"][0]["reason"].startswith("dropped: too old for the capped history"), body
+        assert body["dropped"] == 1 and body["accepted"] == 2
+        again = client.post("/v1/events", json={"events": late[:1]}).json()
+        assert again["results"][0]["status"] == "duplicate", again  # its id is remembered
+    contents = RedisContents(private_redis.url, key_prefix=PREFIX)
+    try:
+        history = contents.history("capped")
+    finally:
+        contents.close()
+    assert [h[0] for h in history["pos"]] == [f"new-{k}" for k in range(1, cap)] + ["newer"]
+    assert [h[0] for h in history["neg"]] == ["skip-old"]

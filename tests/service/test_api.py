@@ -100,7 +100,10 @@ async def test_history_cap_and_ttl(make_settings: SettingsFactory, redis_url: st
     settings = make_settings(history_cap=512, history_ttl_s=120, max_events=600)
     async with serving(settings) as (app, client):
         rows = [{"user_id": "dave", "item_id": ITEMS[k % 6], "timestamp": T0 + k, "event": "click"} for k in range(530)]
-        assert (await client.post("/v1/events", json={"events": rows})).json()["accepted"] == 530
+        written = (await client.post("/v1/events", json={"events": rows})).json()
+        # The oldest 18 fall out of the 512-event history at once: reported dropped, not accepted.
+        assert (written["accepted"], written["dropped"]) == (512, 18)
+        assert {r["status"] for r in written["results"][:18]} == {"dropped"}
         out = (await client.post("/v1/score", json=score_body("dave", at=T0 + 1000))).json()
         assert out["history"] == {"positives": 512, "negatives": 0}
         # The 18 oldest were trimmed: nothing is left before T0 + 18.
@@ -422,3 +425,32 @@ async def test_an_unexpected_error_is_a_500_logged_without_request_content(
     assert r.json()["message"]
     assert "RuntimeError" in caplog.text
     assert secret not in caplog.text and secret not in r.text
+
+
+async def test_a_non_finite_model_output_is_a_500_with_an_error_id_never_a_null_score(
+        make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Item 13: whatever the model produces, an answer never holds a null/NaN score; a NaN is a 500 with an id."""
+    from service.inference import onnx_backend_factory
+
+    class Poisoned:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.provider, self.kernel = inner, inner.provider, inner.kernel
+
+        def run(self, inputs: dict[str, np.ndarray], *, attention: bool = True) -> dict[str, np.ndarray]:
+            out: dict[str, np.ndarray] = dict(self.inner.run(inputs, attention=attention))
+            if inputs["cand_item"].shape[0] == 3:
+                out["probs"] = out["probs"].copy()
+                out["probs"][1] = np.nan
+            return out
+
+    async with serving(make_settings(), backend_factory=lambda m, s: Poisoned(onnx_backend_factory(m, s))) as (
+            _, client):
+        ok = await client.post("/v1/score", json=score_body("finite", items=ITEMS[:2]))
+        assert ok.status_code == 200 and all(math.isfinite(x) for x in ok.json()["scores"])
+        bad = await client.post("/v1/score", json=score_body("finite", items=ITEMS[:3]))
+        assert bad.status_code == 500, bad.text
+        body = bad.json()
+        assert body["error"] == "non_finite_score" and body["error_id"] in body["message"]
+        batch = await client.post("/v1/score:batch", json={"requests": [score_body("finite", items=ITEMS[:3])]})
+        assert batch.status_code == 500 and batch.json()["error"] == "non_finite_score"
+    assert body["error_id"] in caplog.text
