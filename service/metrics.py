@@ -18,6 +18,14 @@ HISTORY_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 200, 300, 400, 512, 1024)
 
 STAGES = ("redis_read", "sequence_build", "inference", "serialize", "redis_write")
 
+# Label values that exist from start-up on (at 0): a labelled series is otherwise born at its first
+# increment, and rate()/increase() over a window that starts with that birth see nothing, so the first
+# burst of errors would not fire an alert.
+REDIS_OPERATIONS = ("read", "append", "served_log", "stream_ingest")
+DEGRADED_REASONS = ("redis_timeout", "redis_unavailable", "redis_error", "overloaded")
+RELOAD_OUTCOMES = ("success", "failure")
+INGEST_BATCH_OUTCOMES = ("success", "retry")
+
 
 class ServiceMetrics:
     """All metric families; `registry` is what /metrics (or the metrics port) exposes."""
@@ -84,6 +92,19 @@ class ServiceMetrics:
             "polarity_microbatch_requests", "Score requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+        self.preinitialise()
+
+    def preinitialise(self) -> None:
+        """Create every known label value of the error counters at 0 (see REDIS_OPERATIONS)."""
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation=operation)
+            self.redis_duration.labels(operation=operation)
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason=reason)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome=outcome)
+        for outcome in INGEST_BATCH_OUTCOMES:
+            self.ingest_batches.labels(outcome=outcome)
 
     def set_model(self, *, name: str, version: str, arch: str, provider: str, kernel: str, requested: str) -> None:
         """Exactly one model_info / provider_info series at a time (the model now served)."""

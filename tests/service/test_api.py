@@ -290,7 +290,8 @@ def _copy_bundle(src: Path, dst: Path, *, version: str) -> Path:
 
 
 async def test_reload_under_concurrent_requests(make_settings: SettingsFactory, tiny_bundle: Any,
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="polarity.service")
     models = tmp_path / "models"
     v1 = _copy_bundle(tiny_bundle.bundle, models / "v1", version="v1")
     _copy_bundle(tiny_bundle.bundle, models / "v2", version="v2")
@@ -328,6 +329,9 @@ async def test_reload_under_concurrent_requests(make_settings: SettingsFactory, 
 
         bad = await client.post("/v1/admin/reload", json={"bundle": str(corrupt)})
         assert bad.status_code == 422 and "sha256 mismatch" in bad.json()["message"]
+        # The log line of a refused reload names the bundle and the reason (issue 20, item 18).
+        refused = [r.getMessage() for r in caplog.records if "model reload of" in r.getMessage()]
+        assert len(refused) == 1 and str(corrupt.resolve()) in refused[0] and "sha256 mismatch" in refused[0], refused
         escape = await client.post("/v1/admin/reload", json={"bundle": "../elsewhere"})
         assert escape.status_code == 403
         absolute = await client.post("/v1/admin/reload", json={"bundle": str(outside)})
@@ -454,3 +458,16 @@ async def test_a_non_finite_model_output_is_a_500_with_an_error_id_never_a_null_
         batch = await client.post("/v1/score:batch", json={"requests": [score_body("finite", items=ITEMS[:3])]})
         assert batch.status_code == 500 and batch.json()["error"] == "non_finite_score"
     assert body["error_id"] in caplog.text
+
+
+async def test_error_counters_exist_at_zero_from_start_up(make_settings: SettingsFactory) -> None:
+    """Item 18: a labelled counter born at its first increment hides that increment from rate(); the service
+    creates the error counters' label values at 0 when it starts."""
+    async with serving(make_settings()) as (_, client):
+        text = (await client.get("/metrics")).text
+    for operation in ("read", "append", "served_log", "stream_ingest"):
+        assert f'polarity_redis_errors_total{{operation="{operation}"}} 0.0' in text, operation
+        assert f'polarity_redis_duration_seconds_count{{operation="{operation}"}} 0.0' in text, operation
+    for reason in ("redis_timeout", "redis_unavailable", "redis_error", "overloaded"):
+        assert f'polarity_degraded_responses_total{{reason="{reason}"}} 0.0' in text, reason
+    assert 'polarity_model_reloads_total{outcome="failure"} 0.0' in text
