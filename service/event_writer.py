@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from service.event_mapping import EventMapping, MappedEvent
 from service.history_store import (
     ACCEPTED,
+    CONFLICT,
     DROPPED,
     DUPLICATE,
     NOT_STORED,
@@ -25,11 +26,14 @@ from service.schemas import EventIn, EventsResponse
 log = logging.getLogger("polarity.service")
 
 # the store's outcome -> the row's status
-_STATUS = {ACCEPTED: "accepted", DUPLICATE: "duplicate", DROPPED: "dropped", NOT_STORED: "not_stored"}
+_STATUS = {ACCEPTED: "accepted", DUPLICATE: "duplicate", DROPPED: "dropped", CONFLICT: "conflict",
+           NOT_STORED: "not_stored"}
 NOT_STORED_REASON = "redis out of memory (maxmemory reached): not stored; resend this event after Retry-After"
 DROPPED_REASON = ("dropped: too old for the capped history (older than the newest history_cap events of its "
                   "polarity, so never read)")
-_REASONS = {"not_stored": NOT_STORED_REASON, "dropped": DROPPED_REASON}
+CONFLICT_REASON = ("conflict: this event_id was stored before for this user with a different payload (event ids are "
+                   "unique per user); not stored")
+_REASONS = {"not_stored": NOT_STORED_REASON, "dropped": DROPPED_REASON, "conflict": CONFLICT_REASON}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +55,7 @@ class WriteOutcome:
     duplicates: int
     rejected: int
     dropped: int = 0  # rows older than the newest history_cap of their polarity: trimmed at once
+    conflicts: int = 0  # rows whose event_id was stored before with another payload: not written
     not_stored: int = 0  # rows whose write Redis refused (out of memory): resend exactly these
 
 
@@ -117,13 +122,14 @@ class EventWriter:
             reasons.append(_REASONS.get(status, m.reason))
             key = (m.metric_event, status)
             tally[key] = tally.get(key, 0) + 1
-        counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "dropped": 0, "not_stored": 0}
+        counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "dropped": 0, "conflict": 0, "not_stored": 0}
         for (metric_event, status), n in tally.items():
             counts[status] = counts.get(status, 0) + n
             self.metrics.events.labels(event=metric_event, outcome=status, source=source).inc(n)
         outcome = WriteOutcome(statuses=statuses, reasons=reasons, accepted=counts["accepted"],
                                duplicates=counts["duplicate"], rejected=counts["rejected"],
-                               dropped=counts["dropped"], not_stored=counts["not_stored"])
+                               dropped=counts["dropped"], conflicts=counts["conflict"],
+                               not_stored=counts["not_stored"])
         if full is not None:
             log.warning("redis out of memory (maxmemory, noeviction): %d of %d events from %s not stored, %d stored; "
                         "free memory or raise maxmemory", outcome.not_stored, len(statuses), source,
@@ -143,7 +149,7 @@ def outcome_body(outcome: WriteOutcome) -> dict[str, object]:
     EventResult(...) per row); also the per-event part of a 503 when Redis refused some rows."""
     return {
         "accepted": outcome.accepted, "duplicates": outcome.duplicates, "rejected": outcome.rejected,
-        "dropped": outcome.dropped, "not_stored": outcome.not_stored,
+        "dropped": outcome.dropped, "conflicts": outcome.conflicts, "not_stored": outcome.not_stored,
         "results": [{"index": i, "status": status, "reason": reason}
                     for i, (status, reason) in enumerate(zip(outcome.statuses, outcome.reasons, strict=True))],
     }

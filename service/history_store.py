@@ -8,6 +8,13 @@ user id's UTF-8 bytes, so no id — unicode, `{`, `}`, `:` — can break the tag
     <prefix>:{u:<tag>}:neg     ZSET  negative events
     <prefix>:{u:<tag>}:seq     STR   per-user arrival counter
     <prefix>:{u:<tag>}:dedupe  ZSET  event_id -> expiry time (server clock), for idempotency
+    <prefix>:{u:<tag>}:dedupe_hash  HASH  event_id -> hash of the event it was first stored with
+
+Event ids are unique per user. A user's dedupe set keeps at most `dedupe_max_ids` ids (default 2048,
+twice the two capped histories together), the newest by the second they were first seen, each for
+`dedupe_ttl_s`: an id older than both bounds may be stored again. An id seen again with another
+payload (item, event, category, timestamp or polarity) is a `conflict`, not a `duplicate`, and is
+not written.
 
 A history member is `<16-digit zero-padded seq>:<compact JSON [item_id, event, category]>` with
 score = event timestamp. Redis orders a ZSET by (score, member) and equal-length zero-padded
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -62,6 +70,7 @@ from service.history_scripts import APPEND_SCRIPT, READ_SCRIPT
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
+CONFLICT = "conflict"  # its event_id was stored before with another payload: not written
 DROPPED = "dropped"  # written, but older than the newest `cap` of its history: trimmed at once, never readable
 NOT_STORED = "not_stored"  # its script call was refused (Redis out of memory): nothing of it was written
 
@@ -169,18 +178,22 @@ class HistoryStore:
         cap: int = 512,
         ttl_s: int = 30 * 86400,
         dedupe_ttl_s: int = 86400,
+        dedupe_max_ids: int = 2048,
         key_prefix: str = "pol",
     ) -> None:
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
         if ttl_s < 1 or dedupe_ttl_s < 1:
             raise ValueError("ttl_s and dedupe_ttl_s must be >= 1 second")
+        if dedupe_max_ids < 1:
+            raise ValueError(f"dedupe_max_ids must be >= 1, got {dedupe_max_ids}")
         if not key_prefix or any(c in key_prefix for c in "{}"):
             raise ValueError(f"key_prefix must be non-empty and free of '{{' and '}}', got {key_prefix!r}")
         self.redis = redis
         self.cap = int(cap)
         self.ttl_s = int(ttl_s)
         self.dedupe_ttl_s = int(dedupe_ttl_s)
+        self.dedupe_max_ids = int(dedupe_max_ids)
         self.key_prefix = key_prefix
         self._append_script = redis.register_script(APPEND_SCRIPT)
         self._read_script = redis.register_script(READ_SCRIPT)
@@ -189,10 +202,10 @@ class HistoryStore:
     # ----------------------------------------------------------------------------------- keys
 
     def keys(self, user_id: str) -> dict[str, str]:
-        """All keys of one user: pos, neg, seq, dedupe (one hash slot)."""
+        """All keys of one user: pos, neg, seq, dedupe, dedupe_hash (one hash slot)."""
         _check_user(user_id)
         base = self._user_base(user_id)
-        return {name: f"{base}:{name}" for name in ("pos", "neg", "seq", "dedupe")}
+        return {name: f"{base}:{name}" for name in ("pos", "neg", "seq", "dedupe", "dedupe_hash")}
 
     # ---------------------------------------------------------------------------------- write
 
@@ -225,16 +238,18 @@ class HistoryStore:
             call_rows: list[int] = []
             for user_id in users:
                 base = self._user_base(user_id)
-                keys += (base + ":pos", base + ":neg", base + ":seq", base + ":dedupe")
+                keys += (base + ":pos", base + ":neg", base + ":seq", base + ":dedupe", base + ":dedupe_hash")
                 rows = by_user[user_id]
                 lines.append(str(len(rows)))
                 for i in rows:
                     ev = events[i]
-                    lines += (("p" if ev.polarity > 0 else "n") + repr(float(ev.timestamp)), _payload(ev))
-                    ids.append("" if ev.event_id is None else "=" + ev.event_id)
+                    head, payload = ("p" if ev.polarity > 0 else "n") + repr(float(ev.timestamp)), _payload(ev)
+                    lines += (head, payload)
+                    ids.append("" if ev.event_id is None else _digest(head, payload) + "=" + ev.event_id)
                 call_rows += rows
             lines.append("")  # the text ends with a newline
-            calls.append((keys, [str(self.cap), str(self.ttl_s), str(self.dedupe_ttl_s), "\n".join(lines), *ids]))
+            calls.append((keys, [str(self.cap), str(self.ttl_s), str(self.dedupe_ttl_s), str(self.dedupe_max_ids),
+                                 "\n".join(lines), *ids]))
             rows_per_call.append(call_rows)
         return PreparedAppend(n_events=len(events), calls=calls, rows_per_call=rows_per_call)
 
@@ -261,6 +276,8 @@ class HistoryStore:
                     out[i] = ACCEPTED
                 elif code == 2:
                     out[i] = DROPPED
+                elif code == 3:
+                    out[i] = CONFLICT
         if refused is not None:
             self.last_out_of_memory = time.time()
             n = out.count(NOT_STORED)
@@ -332,7 +349,7 @@ class HistoryStore:
         return int(n_pos), int(n_neg)
 
     async def delete_user(self, user_id: str) -> None:
-        """Forget a user: both histories, the counter and the dedupe set."""
+        """Forget a user: both histories, the counter, the dedupe set and its payload hashes."""
         k = self.keys(user_id)
         with _redis_errors():
             await self.redis.delete(*k.values())
@@ -447,6 +464,12 @@ def _payload(ev: HistoryEvent) -> str:
     text, built from the string encoder json.dumps itself uses, without an encoder object per call."""
     category = "null" if ev.category is None else _json_string(ev.category)
     return f"[{_json_string(ev.item_id)},{_json_string(ev.event)},{category}]"
+
+
+def _digest(head: str, payload: str) -> str:
+    """16 hex digits identifying an event's content (polarity, timestamp, item, event, category): what a
+    repeated event_id is compared by (same: duplicate, different: conflict)."""
+    return hashlib.blake2b(f"{head}\n{payload}".encode(), digest_size=8).hexdigest()
 
 
 def _text(value: str | bytes) -> str:

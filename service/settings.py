@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     history_cap: int = Field(default=512, ge=1, description="events kept per user and polarity")
     history_ttl_s: int = Field(default=30 * 86400, ge=1)
     dedupe_ttl_s: int = Field(default=86400, ge=1, description="how long an event_id is remembered")
+    dedupe_max_ids: int = Field(
+        default=2048, ge=1, description="event ids remembered per user, at most (the newest): bounds the dedupe set's "
+        "memory (~100-200 bytes per id)",
+    )
     key_prefix: str = Field(default="pol", min_length=1)
     redis_timeout_ms: int = Field(default=250, ge=1, description="socket read/write timeout")
     redis_connect_timeout_ms: int = Field(default=500, ge=1)
