@@ -41,7 +41,7 @@ import hashlib
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string  # C when available
 from typing import Any
 
@@ -101,6 +101,8 @@ class PreparedAppend:
     n_events: int
     calls: list[tuple[list[str], list[str]]]  # (KEYS, ARGV) of each append script call
     rows_per_call: list[list[int]]  # per call, the indices of the events it answers for, in its answer's order
+    split_users: list[tuple[str, list[int]]] = field(default_factory=list)  # (key base, rows) of users in >1 call
+    events: Sequence[HistoryEvent] = ()  # the events, kept only when some user is split
 
 
 class HistoryStoreError(Exception):
@@ -161,11 +163,11 @@ def user_tag(user_id: str) -> str:
     return base64.urlsafe_b64encode(user_id.encode("utf-8")).rstrip(b"=").decode("ascii")
 
 
-# Events per script call, at most (a user with more gets a call of his own): one call runs
-# atomically and holds Redis meanwhile (~12 µs per event: ~1.5 ms for 128), so a big write must
-# not hold up the score requests' reads, nor outlast the client's read timeout. Calls of 128 cost
-# Redis no more CPU per event than calls of 512 (measured), the per-call work is that small.
-EVENTS_PER_CALL = 128
+# Events per script call, at most (a user with more is split across consecutive calls): one call
+# runs atomically and holds Redis meanwhile, so a big write must not hold up the score requests'
+# reads, nor outlast the client's read timeout. At 64 a call holds Redis well under 1 ms (measured
+# with SLOWLOG: BENCHMARKS.md, reliability-one-user-s-huge-batch); the per-call work is small.
+EVENTS_PER_CALL = 64
 
 
 class HistoryStore:
@@ -231,15 +233,15 @@ class HistoryStore:
                 rows.append(i)
         calls: list[tuple[list[str], list[str]]] = []
         rows_per_call: list[list[int]] = []
-        for users in self._call_groups(by_user) if by_user else []:
+        groups = self._call_groups(by_user) if by_user else []
+        for group in groups:
             keys: list[str] = []
             lines: list[str] = []
             ids: list[str] = []
             call_rows: list[int] = []
-            for user_id in users:
+            for user_id, rows in group:
                 base = self._user_base(user_id)
                 keys += (base + ":pos", base + ":neg", base + ":seq", base + ":dedupe", base + ":dedupe_hash")
-                rows = by_user[user_id]
                 lines.append(str(len(rows)))
                 for i in rows:
                     ev = events[i]
@@ -251,7 +253,15 @@ class HistoryStore:
             calls.append((keys, [str(self.cap), str(self.ttl_s), str(self.dedupe_ttl_s), str(self.dedupe_max_ids),
                                  "\n".join(lines), *ids]))
             rows_per_call.append(call_rows)
-        return PreparedAppend(n_events=len(events), calls=calls, rows_per_call=rows_per_call)
+        # A user whose events span several calls: a later call may trim what an earlier one accepted (more than
+        # cap of one polarity in one write); checked after the write (`_mark_trimmed`).
+        spans: dict[str, int] = {}
+        for group in groups:
+            for user_id, _rows in group:
+                spans[user_id] = spans.get(user_id, 0) + 1
+        split = [(self._user_base(user_id), by_user[user_id]) for user_id, n in spans.items() if n > 1]
+        return PreparedAppend(n_events=len(events), calls=calls, rows_per_call=rows_per_call, split_users=split,
+                              events=events if split else ())
 
     async def append_prepared(self, prepared: PreparedAppend) -> list[str]:
         """The I/O half of `append`: run the prepared calls; per event "accepted" or "duplicate"."""
@@ -278,6 +288,8 @@ class HistoryStore:
                     out[i] = DROPPED
                 elif code == 3:
                     out[i] = CONFLICT
+        if prepared.split_users and refused is None:
+            await self._mark_trimmed(prepared, out)
         if refused is not None:
             self.last_out_of_memory = time.time()
             n = out.count(NOT_STORED)
@@ -285,13 +297,35 @@ class HistoryStore:
                                    f"{str(refused).split('.')[0]}", outcomes=out)
         return out
 
+    async def _mark_trimmed(self, prepared: PreparedAppend, out: list[str]) -> None:
+        """For users split across calls: an accepted event older than the oldest event left in its history was
+        trimmed by a later call of the same write: "dropped" (compared by timestamp; an exact tie with the
+        oldest left stays "accepted")."""
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for base, _rows in prepared.split_users:
+                pipe.zrange(base + ":pos", 0, 0, withscores=True)
+                pipe.zrange(base + ":neg", 0, 0, withscores=True)
+            replies = await pipe.execute()
+        for u, (_base, rows) in enumerate(prepared.split_users):
+            oldest = [replies[2 * u], replies[2 * u + 1]]  # [(member, score)] or []
+            for i in rows:
+                if out[i] != ACCEPTED:
+                    continue
+                ev = prepared.events[i]
+                left = oldest[0 if ev.polarity > 0 else 1]
+                if not left or float(ev.timestamp) < float(left[0][1]):
+                    out[i] = DROPPED
+
     def _user_base(self, user_id: str) -> str:
         """`<prefix>:{u:<tag>}`, the common start of the user's keys."""
         return f"{self.key_prefix}:{{u:{user_tag(user_id)}}}"
 
-    def _call_groups(self, by_user: dict[str, list[int]]) -> list[list[str]]:
-        """Users per append call: whole users, up to EVENTS_PER_CALL events a call (more only for a
-        single user), and on Redis Cluster only users of one hash slot per call."""
+    def _call_groups(self, by_user: dict[str, list[int]]) -> list[list[tuple[str, list[int]]]]:
+        """(user, rows) entries per append call, at most EVENTS_PER_CALL events a call: a user's events stay in
+        one call when they fit one (his write is then atomic); a user with more is split across consecutive calls
+        (in order: his arrival counter follows the input order), so that no call holds Redis long. On Redis
+        Cluster a call holds users of one hash slot only."""
         if isinstance(self.redis, RedisCluster):
             by_slot: dict[int, list[str]] = {}
             for user_id in by_user:
@@ -299,19 +333,32 @@ class HistoryStore:
             runs = list(by_slot.values())
         else:
             runs = [list(by_user)]
-        groups: list[list[str]] = []
+        limit = EVENTS_PER_CALL
+        groups: list[list[tuple[str, list[int]]]] = []
         for users in runs:
-            group: list[str] = []
+            group: list[tuple[str, list[int]]] = []
             size = 0
             for user_id in users:
-                n = len(by_user[user_id])
-                if group and size + n > EVENTS_PER_CALL:
+                rows = by_user[user_id]
+                if size + len(rows) <= limit:
+                    group.append((user_id, rows))
+                    size += len(rows)
+                    continue
+                if len(rows) <= limit:  # fits a call of its own: start one
                     groups.append(group)
-                    group, size = [], 0
-                group.append(user_id)
-                size += n
+                    group, size = [(user_id, rows)], len(rows)
+                    continue
+                start = 0
+                while start < len(rows):  # a big user: fill this call, then whole calls, then the rest
+                    if size == limit:
+                        groups.append(group)
+                        group, size = [], 0
+                    take = rows[start:start + limit - size]
+                    group.append((user_id, take))
+                    size += len(take)
+                    start += len(take)
             groups.append(group)
-        return groups
+        return [g for g in groups if g]
 
     # ----------------------------------------------------------------------------------- read
 
