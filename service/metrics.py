@@ -61,6 +61,10 @@ class ServiceMetrics:
             "polarity_redis_duration_seconds", "Redis call latency", ("operation",), buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.redis_queue = Histogram(
+            "polarity_redis_queue_seconds", "Time a Redis call waited in this process for a connection slot (not "
+            "Redis's time)", ("operation",), buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.degraded = Counter(
             "polarity_degraded_responses_total", "Score answers without history", ("reason",), registry=r
         )

@@ -57,28 +57,57 @@ class Scorer:
         # The labelled children, looked up once: `labels()` takes a lock and a dict lookup per call.
         self._stage = {stage: metrics.stage_duration.labels(stage=stage) for stage in STAGES}
         self._redis_read = metrics.redis_duration.labels(operation="read")
+        self._redis_queue = metrics.redis_queue.labels(operation="read")
+        # Reads in flight at most: one per pool connection, so a read never waits inside the pool, where its
+        # wait would count against the Redis budget (the queue in front of them is timed on its own).
+        self._read_slots = asyncio.Semaphore(settings.redis_max_connections)
         self._history_length = {pol: metrics.history_length.labels(polarity=pol) for pol in ("positive", "negative")}
         self._cand_user = np.zeros(settings.max_candidates, dtype=np.int64)  # every candidate reads sequence 0 (U=1)
 
     async def read_history(self, user_id: str) -> tuple[UserHistory, str | None]:
-        """The user's history, or (empty, reason) when Redis fails or is too slow."""
+        """The user's history, or (empty, reason) when Redis fails or is too slow, or this process is.
+
+        The budget times Redis, not this process's own queue: a read first waits for one of the
+        `redis_max_connections` read slots (at most the budget again: past it the answer is degraded with
+        reason `overloaded`, which is not a Redis error), timed into polarity_redis_queue_seconds; then
+        the read itself gets the whole budget (past it: `redis_timeout`, unless the event loop only got
+        back to this request more than half a budget after the deadline: then it was too busy to read the
+        reply, and the reason is `overloaded` too)."""
         t0 = time.perf_counter()
         reason: str | None = None
-        try:
-            # asyncio.timeout, not wait_for: no extra task (and loop turn) per request on 3.11.
-            async with asyncio.timeout(self.budget_s):
-                history = await self.store.read(user_id)
-        except TimeoutError:
-            reason = "redis_timeout"
-        except HistoryStoreUnavailable:
-            reason = "redis_unavailable"
-        except HistoryStoreError:
-            reason = "redis_error"
-        elapsed = time.perf_counter() - t0
-        self._redis_read.observe(elapsed)
-        self._stage["redis_read"].observe(elapsed)
+        slots = self._read_slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self.budget_s):
+                    await slots.acquire()
+            except TimeoutError:
+                reason = "overloaded"
+        else:
+            await slots.acquire()  # free: returns at once
+        t1 = time.perf_counter()
+        self._redis_queue.observe(t1 - t0)
+        if reason is None:
+            try:
+                # asyncio.timeout, not wait_for: no extra task (and loop turn) per request on 3.11.
+                async with asyncio.timeout(self.budget_s) as budget:
+                    history = await self.store.read(user_id)
+            except TimeoutError:
+                # Resumed long after the deadline: this process's event loop is congested, and the reply may
+                # well have been waiting in the socket for it; blame the process, not Redis.
+                late = asyncio.get_running_loop().time() - (budget.when() or 0.0)
+                reason = "overloaded" if late > self.budget_s / 2 else "redis_timeout"
+            except HistoryStoreUnavailable:
+                reason = "redis_unavailable"
+            except HistoryStoreError:
+                reason = "redis_error"
+            finally:
+                slots.release()
+            elapsed = time.perf_counter() - t1
+            self._redis_read.observe(elapsed)
+        self._stage["redis_read"].observe(time.perf_counter() - t0)
         if reason is not None:
-            self.metrics.redis_errors.labels(operation="read").inc()
+            if reason != "overloaded":
+                self.metrics.redis_errors.labels(operation="read").inc()
             self.metrics.degraded.labels(reason=reason).inc()
             log.warning("degraded answer: user %s scored without history (%s)", user_digest(user_id), reason)
             return UserHistory.empty(), reason
