@@ -22,7 +22,7 @@ def timestamp_problem(value: float, *, now: float, max_skew_s: float) -> str | N
     if value > now + max_skew_s:
         ahead = value - now
         hint = " (milliseconds?)" if value > 1e11 else ""
-        return (f"in the future{hint}: {ahead:.0f} s after the server's clock, more than the allowed "
+        return (f"in the future{hint}: {ahead:.3g} s after the server's clock, more than the allowed "
                 f"skew of {max_skew_s:g} s (POLARITY_MAX_CLOCK_SKEW_S); send seconds since the Unix epoch")
     if value < EARLIEST_TIMESTAMP:
         return ("before 2000-01-01: send seconds since the Unix epoch (e.g. 1733443300.0), "
