@@ -3,7 +3,9 @@
 `RedisWatch.check()` PINGs Redis; the app runs it at start-up and then every `redis_watch_interval_s`.
 - Losing Redis is logged once (with the error), regaining it once, with the outage's length.
 - At start-up and on every reconnect it reads Redis's persistence settings (`CONFIG GET appendonly`,
-  `appendfsync`, `save`). Managed Redis often disables or renames CONFIG: then each setting is "unknown".
+  `appendfsync`, `save`), and again every 30 checks while Redis stays up (a restart quicker than one check,
+  or a CONFIG SET, is noticed that way). Managed Redis often disables or renames CONFIG: then each setting
+  is "unknown".
 - Neither AOF nor RDB on: a loud warning (a Redis restart loses every acknowledged event). With
   `require_durable` (POLARITY_REQUIRE_DURABLE_REDIS=true) the service refuses to start against such a
   Redis (or one whose settings cannot be read) and, if it finds one on a reconnect, refuses event writes
@@ -99,6 +101,7 @@ class RedisWatch:
         self.changed_at = time.monotonic()
         self.persistence = NOT_READ
         self._lock = asyncio.Lock()
+        self._checks_since_read = 0
 
     async def check(self) -> bool:
         """PING once; on a change log it (once each way) and, when Redis (re)appears, read its persistence.
@@ -115,7 +118,20 @@ class RedisWatch:
             if self.up is False:
                 log.warning("redis reachable again after an outage of %.1f s", now - self.changed_at)
             self.up, self.changed_at, self.persistence = True, now, persistence
+            self._checks_since_read = 0
             self._report_persistence()
+        elif ok:
+            # Up all along: re-read the settings now and then, so that a Redis restarted between two checks
+            # (or reconfigured with CONFIG SET) is noticed too; logged only when they changed.
+            self._checks_since_read += 1
+            if self._checks_since_read >= REREAD_EVERY_CHECKS:
+                persistence = await read_persistence(self.store.redis)
+                self._checks_since_read = 0
+                if persistence != self.persistence:
+                    log.warning("redis persistence changed: %s -> %s", self.persistence.describe(),
+                                persistence.describe())
+                    self.persistence = persistence
+                    self._report_persistence()
         elif not ok and self.up is not False:
             now = time.monotonic()
             log.error("redis lost: PING fails (scoring degrades to empty histories, event writes answer 503); "
@@ -175,6 +191,9 @@ class RedisWatch:
             out["redis_down_for_s"] = round(time.monotonic() - self.changed_at, 1)
         return out
 
+
+# While Redis stays up, its persistence settings are read again every this many checks (30 s at the default).
+REREAD_EVERY_CHECKS = 30
 
 # A write refused for memory keeps events not-ready (and shows in /readyz) this long.
 OUT_OF_MEMORY_SHOWN_S = 60.0

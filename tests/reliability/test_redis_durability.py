@@ -178,3 +178,28 @@ def _kill_under_load(start_service: Any, redis_aof_always: RedisProcess, tiny_bu
         f"- answers: {dict(sorted(counts.items()))} (503 with Retry-After while Redis was away)\n"
         f"- acknowledged (`accepted`) events: {len(acked)}; found in Redis afterwards: {len(acked) - len(lost)}; "
         f"lost: **{len(lost)}**; stored twice: {len(twice)}\n"))
+
+
+def test_persistence_turned_off_while_up_is_noticed(start_service: Any, redis_aof_always: RedisProcess,
+                                                    tiny_bundle: Any) -> None:
+    """Re-read while Redis stays up: AOF switched off with CONFIG SET (or a restart quicker than a check) is seen,
+    and with POLARITY_REQUIRE_DURABLE_REDIS events are refused from then on."""
+    import redis as redis_client
+
+    svc: LiveService = start_service(bundle=tiny_bundle.bundle, redis_url=redis_aof_always.url, key_prefix=PREFIX,
+                                     require_durable_redis="true", redis_watch_interval_s=0.05)
+    admin = redis_client.Redis.from_url(redis_aof_always.url)
+    try:
+        admin.config_set("appendonly", "no")
+        deadline = time.monotonic() + 20
+        status = 200
+        while time.monotonic() < deadline and status == 200:
+            time.sleep(0.2)
+            status = httpx.get(svc.url + "/readyz/events", timeout=10).status_code
+    finally:
+        admin.close()
+    assert status == 503
+    event = {"user_id": "u", "item_id": "i", "timestamp": 1_700_000_000.0, "event": "click"}
+    r = httpx.post(svc.url + "/v1/events", json={"events": [event]}, timeout=10)
+    assert r.status_code == 503 and "neither AOF nor RDB" in r.json()["message"], r.text
+    assert "redis persistence changed" in svc.log_text()
