@@ -11,7 +11,7 @@ user id's UTF-8 bytes, so no id — unicode, `{`, `}`, `:` — can break the tag
     <prefix>:{u:<tag>}:dedupe_hash  HASH  event_id -> hash of the event it was first stored with
 
 Event ids are unique per user. A user's dedupe set keeps at most `dedupe_max_ids` ids (default 2048,
-twice the two capped histories together), the newest by the second they were first seen, each for
+twice the two capped histories together), the newest by when they were first seen, each for
 `dedupe_ttl_s`: an id older than both bounds may be stored again. An id seen again with another
 payload (item, event, category, timestamp or polarity) is a `conflict`, not a `duplicate`, and is
 not written.
@@ -21,11 +21,16 @@ score = event timestamp. Redis orders a ZSET by (score, member) and equal-length
 numbers sort like integers, so a history reads back in (timestamp, arrival) order: a late event
 lands at its timestamp position, and ties keep arrival order — the order `model.features.sequence` uses.
 
-Writes run as one Lua script call for many users at once (a user's events of one write are
-always in the same call, so a write is atomic per user); calls cover whole users and at most
-`EVENTS_PER_CALL` events (a call holds Redis while it runs), all pipelined in one round trip. On
-Redis Cluster a script may only touch one hash slot, so there the users are grouped per slot
-first. Reads of both histories of any number of users are one round trip too.
+Writes run as Lua script calls for many users at once, at most `EVENTS_PER_CALL` events a call
+(a call holds Redis while it runs), all pipelined in one round trip. A user's events of one write
+stay in one call when they fit (that write is then atomic for him); a user with more is split
+across consecutive calls, in order. On Redis Cluster a script may only touch one hash slot, so
+there the users are grouped per slot first. Reads of both histories of any number of users are
+one round trip too.
+
+A full Redis (`maxmemory`, `noeviction`) refuses a script call at its first write, before it has
+written anything, and lets a call that has started writing finish: the calls refused are exactly
+known, and `HistoryStoreFull` says per event what was stored.
 
 Connection errors and timeouts surface as `HistoryStoreUnavailable`; with explicit socket
 timeouts, a bounded pool with a wait timeout and a bounded number of retries, no call hangs.
@@ -212,11 +217,13 @@ class HistoryStore:
     # ---------------------------------------------------------------------------------- write
 
     async def append(self, events: Sequence[HistoryEvent]) -> list[str]:
-        """Write events; per event (input order) "accepted", "duplicate" (event_id seen before) or "dropped"
-        (older than the newest `cap` events of its history: trimmed at once).
+        """Write events; per event (input order) "accepted", "duplicate" (event_id seen before), "conflict"
+        (event_id seen before with another payload: not written) or "dropped" (older than the newest `cap`
+        events of its history: trimmed at once). HistoryStoreFull (with these outcomes and "not_stored") when
+        Redis refused part of the write for memory.
 
-        Atomic per user; all users in one round trip. Every event is validated before anything is
-        written, so a bad event (ValueError) writes nothing.
+        Atomic per user when his events fit one call (EVENTS_PER_CALL); all users in one round trip. Every
+        event is validated before anything is written, so a bad event (ValueError) writes nothing.
         """
         return await self.append_prepared(self.prepare_append(events))
 
