@@ -81,7 +81,11 @@ class Settings(BaseSettings):
     key_prefix: str = Field(default="pol", min_length=1)
     redis_timeout_ms: int = Field(default=250, ge=1, description="socket read/write timeout")
     redis_connect_timeout_ms: int = Field(default=500, ge=1)
-    redis_max_connections: int = Field(default=64, ge=1)
+    redis_max_connections: int = Field(
+        default=256, ge=1, description="Redis connections per process, at most (opened on demand): at least the "
+        "number of requests the service admits at once, so that a score request's read never waits for one, "
+        "which its Redis budget would count",
+    )
     redis_retries: int = Field(default=1, ge=0)
     score_redis_budget_ms: int = Field(
         default=50, ge=1, description="/v1/score answers from an empty history when Redis takes longer"
