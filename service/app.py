@@ -6,6 +6,8 @@ degrades, /readyz says not ready); a bundle that cannot be served does (StartupE
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +27,7 @@ from service.metrics import ServiceMetrics
 from service.middleware import BodyLimitMiddleware, ErrorBoundaryMiddleware, MetricsMiddleware
 from service.model_slot import ModelSlot
 from service.openapi import polarity_openapi
+from service.redis_watch import RedisWatch
 from service.request_context import RequestContextMiddleware, install_request_id_on_log_records
 from service.routers import events, health, metrics, model, open_inference, score
 from service.routers.api_docs import mount_api_docs
@@ -68,7 +71,15 @@ def create_app(
         store = open_store(settings)
         metrics_server = None
         frozen = False
+        watching: asyncio.Task[None] | None = None
         try:
+            # Redis first: a Redis that must be durable and is not stops the start before the model loads.
+            watch = RedisWatch(store=store, metrics=service_metrics, require_durable=settings.require_durable_redis)
+            redis_up = await watch.check()
+            refused = watch.durability_refused()
+            if refused is not None:
+                raise StartupError(f"refusing to start: {refused} ({watch.persistence.describe()}); turn on "
+                                   "`appendonly yes` in Redis, or unset POLARITY_REQUIRE_DURABLE_REDIS")
             slot = ModelSlot(settings=settings, backend_factory=factory)
             loaded = await slot.load_initial(settings.bundle)
             b = loaded.backend
@@ -84,25 +95,30 @@ def create_app(
             scorer = (ServedLogScorer(served_share=settings.served_log_share, stream=settings.served_log_stream,
                                       maxlen=settings.served_log_maxlen, **scorer_parts)
                       if settings.served_log_share > 0 else Scorer(**scorer_parts))
-            writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity),
-                                 metrics=service_metrics)
+            mapping = EventMapping(polarity=settings.event_polarity, max_clock_skew_s=settings.max_clock_skew_s)
+            writer = EventWriter(store=store, mapping=mapping, metrics=service_metrics)
             if settings.metrics_port is not None:
                 metrics_server = start_metrics_server(settings, service_metrics)
             app.state.runtime = Runtime(settings=settings, metrics=service_metrics, redis=store.redis, store=store,
                                         slot=slot, scorer=scorer, writer=writer, executor=executor,
-                                        backend_factory=factory)
+                                        backend_factory=factory, watch=watch)
+            watching = asyncio.create_task(_watch_redis(watch, settings.redis_watch_interval_s))
             if settings.gc_freeze:
                 freeze_startup_objects()
                 frozen = True
             ks = kernel_status()
             log.info("serving %s %s (%s) on %s, kernel %s%s; redis %s", loaded.manifest.name, loaded.version,
                      loaded.manifest.arch, b.provider, b.kernel, f" ({ks['path']})" if ks["path"] else "",
-                     "reachable" if await store.ping() else "UNREACHABLE (scoring degrades until it answers)")
+                     "reachable" if redis_up else "UNREACHABLE (scoring degrades until it answers)")
             if settings.api_key is None:
                 log.warning("no api_key: anyone who can reach this port can write events, reload the model and read "
                             "any user's history through explain (set POLARITY_API_KEY)")
             yield
         finally:
+            if watching is not None:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             runtime = app.state.runtime
             if runtime is not None and isinstance(runtime.scorer, ServedLogScorer):
                 await runtime.scorer.drain()
@@ -142,3 +158,13 @@ def create_app(
         mount_api_docs(app)
     app.openapi = lambda: polarity_openapi(app, routers)  # type: ignore[method-assign]
     return app
+
+
+async def _watch_redis(watch: RedisWatch, interval_s: float) -> None:
+    """PING Redis every `interval_s` for the life of the app (outages and reconnects logged by the watch)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await watch.check()
+        except Exception as exc:  # the watch must outlive any one failed check
+            log.warning("redis watch: check failed (%s)", type(exc).__name__)

@@ -19,7 +19,7 @@ from model.features.sequence import SequenceBatch
 from service.assembly import assemble_sequences
 from service.errors import TooManyCandidates
 from service.schemas import BatchScoreRequest, BatchScoreResponse, HistoryCounts, ScoreResponse
-from service.scoring import Scorer, explain
+from service.scoring import Scorer, check_finite, explain
 
 
 def user_rows(seqs: SequenceBatch, u: int) -> SequenceBatch:
@@ -38,7 +38,8 @@ async def score_batch_json(scorer: Scorer, body: BatchScoreRequest) -> bytes:
                                 "counted over all its requests: split the batch")
     scorer.metrics.candidates.observe(total)
     now = time.time()
-    cutoffs = [r.request_time if r.request_time is not None else now for r in requests]
+    cutoffs = [scorer.cutoff(r.request_time, now, field=f"body.requests.{i}.request_time")
+               for i, r in enumerate(requests)]
     read = await asyncio.gather(*(scorer.read_history(r.user_id) for r in requests))
     model = scorer.slot.current  # one model for the whole batch, even across a reload
 
@@ -53,6 +54,7 @@ async def score_batch_json(scorer: Scorer, body: BatchScoreRequest) -> bytes:
     scorer.metrics.stage_duration.labels(stage="sequence_build").observe(t1 - t0)
 
     scored = await scorer.infer(model, inputs, attention=any(r.explain for r in requests))
+    check_finite(scored.probs)
     t2 = time.perf_counter()
     scorer.metrics.stage_duration.labels(stage="inference").observe(t2 - t1)
 

@@ -28,10 +28,12 @@ class ServiceError(Exception):
     status = 500
     code = "internal"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}  # further body fields (e.g. per-event results of a partly refused write)
 
 
 class BodyTooLarge(ServiceError):
@@ -70,6 +72,39 @@ class StoreUnavailable(ServiceError):
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class StoreFull(ServiceError):
+    """Redis refused writes for memory (maxmemory + noeviction). The body says per event what was stored
+    (`results`: accepted / duplicate / rejected / not_stored); resending the not_stored rows is safe."""
+
+    status = 503
+    code = "redis_out_of_memory"
+
+    def __init__(self, message: str, *, retry_after_s: int, extra: dict[str, Any]) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)}, extra=extra)
+
+
+class InvalidField(ServiceError):
+    """A field that passed the schema but not a check that needs the server (e.g. a time past its clock)."""
+
+    status = 422
+    code = "validation_error"
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}", extra={"fields": [{"field": field, "reason": reason}]})
+
+
+class NonFiniteScore(ServiceError):
+    """The model produced a NaN or infinite score: answered 500 with an error id (logged with the same id),
+    never a null or NaN score in a 200."""
+
+    status = 500
+    code = "non_finite_score"
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"the model produced a score that is not a finite number; error id {error_id} (the "
+                         "service log has it)", extra={"error_id": error_id})
 
 
 class NotReady(ServiceError):
@@ -134,7 +169,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status, headers=exc.headers)
+        return JSONResponse(error_body(exc.code, exc.message, **exc.extra), status_code=exc.status,
+                            headers=exc.headers)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

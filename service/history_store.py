@@ -8,17 +8,29 @@ user id's UTF-8 bytes, so no id — unicode, `{`, `}`, `:` — can break the tag
     <prefix>:{u:<tag>}:neg     ZSET  negative events
     <prefix>:{u:<tag>}:seq     STR   per-user arrival counter
     <prefix>:{u:<tag>}:dedupe  ZSET  event_id -> expiry time (server clock), for idempotency
+    <prefix>:{u:<tag>}:dedupe_hash  HASH  event_id -> hash of the event it was first stored with
+
+Event ids are unique per user. A user's dedupe set keeps at most `dedupe_max_ids` ids (default 2048,
+twice the two capped histories together), the newest by when they were first seen, each for
+`dedupe_ttl_s`: an id older than both bounds may be stored again. An id seen again with another
+payload (item, event, category, timestamp or polarity) is a `conflict`, not a `duplicate`, and is
+not written.
 
 A history member is `<16-digit zero-padded seq>:<compact JSON [item_id, event, category]>` with
 score = event timestamp. Redis orders a ZSET by (score, member) and equal-length zero-padded
 numbers sort like integers, so a history reads back in (timestamp, arrival) order: a late event
 lands at its timestamp position, and ties keep arrival order — the order `model.features.sequence` uses.
 
-Writes run as one Lua script call for many users at once (a user's events of one write are
-always in the same call, so a write is atomic per user); calls cover whole users and at most
-`EVENTS_PER_CALL` events (a call holds Redis while it runs), all pipelined in one round trip. On
-Redis Cluster a script may only touch one hash slot, so there the users are grouped per slot
-first. Reads of both histories of any number of users are one round trip too.
+Writes run as Lua script calls for many users at once, at most `EVENTS_PER_CALL` events a call
+(a call holds Redis while it runs), all pipelined in one round trip. A user's events of one write
+stay in one call when they fit (that write is then atomic for him); a user with more is split
+across consecutive calls, in order. On Redis Cluster a script may only touch one hash slot, so
+there the users are grouped per slot first. Reads of both histories of any number of users are
+one round trip too.
+
+A full Redis (`maxmemory`, `noeviction`) refuses a script call at its first write, before it has
+written anything, and lets a call that has started writing finish: the calls refused are exactly
+known, and `HistoryStoreFull` says per event what was stored.
 
 Connection errors and timeouts surface as `HistoryStoreUnavailable`; with explicit socket
 timeouts, a bounded pool with a wait timeout and a bounded number of retries, no call hangs.
@@ -30,9 +42,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import math
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring as _json_string  # C when available
 from typing import Any
 
@@ -42,6 +56,7 @@ from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisClusterException,
     RedisError,
@@ -60,6 +75,9 @@ from service.history_scripts import APPEND_SCRIPT, READ_SCRIPT
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
+CONFLICT = "conflict"  # its event_id was stored before with another payload: not written
+DROPPED = "dropped"  # written, but older than the newest `cap` of its history: trimmed at once, never readable
+NOT_STORED = "not_stored"  # its script call was refused (Redis out of memory): nothing of it was written
 
 # Members start with the arrival counter zero-padded to 16 digits ('%016d' in the script): Lua
 # numbers are exact integers up to 2**53, which has 16 digits.
@@ -88,6 +106,8 @@ class PreparedAppend:
     n_events: int
     calls: list[tuple[list[str], list[str]]]  # (KEYS, ARGV) of each append script call
     rows_per_call: list[list[int]]  # per call, the indices of the events it answers for, in its answer's order
+    split_users: list[tuple[str, list[int]]] = field(default_factory=list)  # (key base, rows) of users in >1 call
+    events: Sequence[HistoryEvent] = ()  # the events, kept only when some user is split
 
 
 class HistoryStoreError(Exception):
@@ -101,6 +121,20 @@ class UnreadableHistory(HistoryStoreError, ValueError):
 
 class HistoryStoreUnavailable(HistoryStoreError):
     """Redis could not be reached in time (connection refused or lost, timeout, read-only replica)."""
+
+
+class HistoryStoreFull(HistoryStoreError):
+    """Redis refused writes: `maxmemory` reached under the `noeviction` policy (an OOM error).
+
+    A script call that gets OOM has written nothing (Redis checks memory at a script's first write
+    and lets a script that has started writing finish), so per event the write is exact:
+    `outcomes` holds, in input order, "accepted" / "duplicate" / ... for the events of the calls
+    that ran and "not_stored" for the others. Resending exactly the "not_stored" events is safe
+    with or without event ids."""
+
+    def __init__(self, message: str, *, outcomes: list[str]) -> None:
+        super().__init__(message)
+        self.outcomes = outcomes
 
 
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -134,11 +168,11 @@ def user_tag(user_id: str) -> str:
     return base64.urlsafe_b64encode(user_id.encode("utf-8")).rstrip(b"=").decode("ascii")
 
 
-# Events per script call, at most (a user with more gets a call of his own): one call runs
-# atomically and holds Redis meanwhile (~12 µs per event: ~1.5 ms for 128), so a big write must
-# not hold up the score requests' reads, nor outlast the client's read timeout. Calls of 128 cost
-# Redis no more CPU per event than calls of 512 (measured), the per-call work is that small.
-EVENTS_PER_CALL = 128
+# Events per script call, at most (a user with more is split across consecutive calls): one call
+# runs atomically and holds Redis meanwhile, so a big write must not hold up the score requests'
+# reads, nor outlast the client's read timeout. At 64 a call holds Redis well under 1 ms (measured
+# with SLOWLOG: BENCHMARKS.md, reliability-one-user-s-huge-batch); the per-call work is small.
+EVENTS_PER_CALL = 64
 
 
 class HistoryStore:
@@ -151,37 +185,45 @@ class HistoryStore:
         cap: int = 512,
         ttl_s: int = 30 * 86400,
         dedupe_ttl_s: int = 86400,
+        dedupe_max_ids: int = 2048,
         key_prefix: str = "pol",
     ) -> None:
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
         if ttl_s < 1 or dedupe_ttl_s < 1:
             raise ValueError("ttl_s and dedupe_ttl_s must be >= 1 second")
+        if dedupe_max_ids < 1:
+            raise ValueError(f"dedupe_max_ids must be >= 1, got {dedupe_max_ids}")
         if not key_prefix or any(c in key_prefix for c in "{}"):
             raise ValueError(f"key_prefix must be non-empty and free of '{{' and '}}', got {key_prefix!r}")
         self.redis = redis
         self.cap = int(cap)
         self.ttl_s = int(ttl_s)
         self.dedupe_ttl_s = int(dedupe_ttl_s)
+        self.dedupe_max_ids = int(dedupe_max_ids)
         self.key_prefix = key_prefix
         self._append_script = redis.register_script(APPEND_SCRIPT)
         self._read_script = redis.register_script(READ_SCRIPT)
+        self.last_out_of_memory: float | None = None  # time.time() of the last write Redis refused for memory
 
     # ----------------------------------------------------------------------------------- keys
 
     def keys(self, user_id: str) -> dict[str, str]:
-        """All keys of one user: pos, neg, seq, dedupe (one hash slot)."""
+        """All keys of one user: pos, neg, seq, dedupe, dedupe_hash (one hash slot)."""
         _check_user(user_id)
         base = self._user_base(user_id)
-        return {name: f"{base}:{name}" for name in ("pos", "neg", "seq", "dedupe")}
+        return {name: f"{base}:{name}" for name in ("pos", "neg", "seq", "dedupe", "dedupe_hash")}
 
     # ---------------------------------------------------------------------------------- write
 
     async def append(self, events: Sequence[HistoryEvent]) -> list[str]:
-        """Write events; per event (input order) "accepted" or "duplicate" (event_id seen before).
+        """Write events; per event (input order) "accepted", "duplicate" (event_id seen before), "conflict"
+        (event_id seen before with another payload: not written) or "dropped" (older than the newest `cap`
+        events of its history: trimmed at once). HistoryStoreFull (with these outcomes and "not_stored") when
+        Redis refused part of the write for memory.
 
-        Atomic per user; all users in one round trip. Every event is validated before anything is
-        written, so a bad event (ValueError) writes nothing.
+        Atomic per user when his events fit one call (EVENTS_PER_CALL); all users in one round trip. Every
+        event is validated before anything is written, so a bad event (ValueError) writes nothing.
         """
         return await self.append_prepared(self.prepare_append(events))
 
@@ -198,48 +240,99 @@ class HistoryStore:
                 rows.append(i)
         calls: list[tuple[list[str], list[str]]] = []
         rows_per_call: list[list[int]] = []
-        for users in self._call_groups(by_user) if by_user else []:
+        groups = self._call_groups(by_user) if by_user else []
+        for group in groups:
             keys: list[str] = []
             lines: list[str] = []
             ids: list[str] = []
             call_rows: list[int] = []
-            for user_id in users:
+            for user_id, rows in group:
                 base = self._user_base(user_id)
-                keys += (base + ":pos", base + ":neg", base + ":seq", base + ":dedupe")
-                rows = by_user[user_id]
+                keys += (base + ":pos", base + ":neg", base + ":seq", base + ":dedupe", base + ":dedupe_hash")
                 lines.append(str(len(rows)))
                 for i in rows:
                     ev = events[i]
-                    lines += (("p" if ev.polarity > 0 else "n") + repr(float(ev.timestamp)), _payload(ev))
-                    ids.append("" if ev.event_id is None else "=" + ev.event_id)
+                    head, payload = ("p" if ev.polarity > 0 else "n") + repr(float(ev.timestamp)), _payload(ev)
+                    lines += (head, payload)
+                    ids.append("" if ev.event_id is None else _digest(head, payload) + "=" + ev.event_id)
                 call_rows += rows
             lines.append("")  # the text ends with a newline
-            calls.append((keys, [str(self.cap), str(self.ttl_s), str(self.dedupe_ttl_s), "\n".join(lines), *ids]))
+            calls.append((keys, [str(self.cap), str(self.ttl_s), str(self.dedupe_ttl_s), str(self.dedupe_max_ids),
+                                 "\n".join(lines), *ids]))
             rows_per_call.append(call_rows)
-        return PreparedAppend(n_events=len(events), calls=calls, rows_per_call=rows_per_call)
+        # A user whose events span several calls: a later call may trim what an earlier one accepted (more than
+        # cap of one polarity in one write); checked after the write (`_mark_trimmed`).
+        spans: dict[str, int] = {}
+        for group in groups:
+            for user_id, _rows in group:
+                spans[user_id] = spans.get(user_id, 0) + 1
+        split = [(self._user_base(user_id), by_user[user_id]) for user_id, n in spans.items() if n > 1]
+        return PreparedAppend(n_events=len(events), calls=calls, rows_per_call=rows_per_call, split_users=split,
+                              events=events if split else ())
 
     async def append_prepared(self, prepared: PreparedAppend) -> list[str]:
         """The I/O half of `append`: run the prepared calls; per event "accepted" or "duplicate"."""
         if not prepared.calls:
             return []
-        replies = await self._eval_many(self._append_script.sha, APPEND_SCRIPT, prepared.calls)
+        replies = await self._eval_many(self._append_script.sha, APPEND_SCRIPT, prepared.calls,
+                                        keep=(OutOfMemoryError,))
         out = [DUPLICATE] * prepared.n_events
+        refused: OutOfMemoryError | None = None
         for call_rows, reply in zip(prepared.rows_per_call, replies, strict=True):
+            if isinstance(reply, OutOfMemoryError):
+                refused = reply
+                for i in call_rows:
+                    out[i] = NOT_STORED
+                continue
             flags = list(reply)
             if len(flags) != len(call_rows):
                 raise HistoryStoreError(f"append script answered {len(flags)} outcomes, not {len(call_rows)}")
             for i, flag in zip(call_rows, flags, strict=True):
-                if int(flag) == 1:
+                code = int(flag)
+                if code == 1:
                     out[i] = ACCEPTED
+                elif code == 2:
+                    out[i] = DROPPED
+                elif code == 3:
+                    out[i] = CONFLICT
+        if prepared.split_users and refused is None:
+            await self._mark_trimmed(prepared, out)
+        if refused is not None:
+            self.last_out_of_memory = time.time()
+            n = out.count(NOT_STORED)
+            raise HistoryStoreFull(f"redis out of memory (maxmemory reached): {n} of {len(out)} events not stored; "
+                                   f"{str(refused).split('.')[0]}", outcomes=out)
         return out
+
+    async def _mark_trimmed(self, prepared: PreparedAppend, out: list[str]) -> None:
+        """For users split across calls: an accepted event older than the oldest event left in its history was
+        trimmed by a later call of the same write: "dropped" (compared by timestamp; an exact tie with the
+        oldest left stays "accepted")."""
+        with _redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for base, _rows in prepared.split_users:
+                pipe.zrange(base + ":pos", 0, 0, withscores=True)
+                pipe.zrange(base + ":neg", 0, 0, withscores=True)
+            replies = await pipe.execute()
+        for u, (_base, rows) in enumerate(prepared.split_users):
+            oldest = [replies[2 * u], replies[2 * u + 1]]  # [(member, score)] or []
+            for i in rows:
+                if out[i] != ACCEPTED:
+                    continue
+                ev = prepared.events[i]
+                left = oldest[0 if ev.polarity > 0 else 1]
+                if not left or float(ev.timestamp) < float(left[0][1]):
+                    out[i] = DROPPED
 
     def _user_base(self, user_id: str) -> str:
         """`<prefix>:{u:<tag>}`, the common start of the user's keys."""
         return f"{self.key_prefix}:{{u:{user_tag(user_id)}}}"
 
-    def _call_groups(self, by_user: dict[str, list[int]]) -> list[list[str]]:
-        """Users per append call: whole users, up to EVENTS_PER_CALL events a call (more only for a
-        single user), and on Redis Cluster only users of one hash slot per call."""
+    def _call_groups(self, by_user: dict[str, list[int]]) -> list[list[tuple[str, list[int]]]]:
+        """(user, rows) entries per append call, at most EVENTS_PER_CALL events a call: a user's events stay in
+        one call when they fit one (his write is then atomic); a user with more is split across consecutive calls
+        (in order: his arrival counter follows the input order), so that no call holds Redis long. On Redis
+        Cluster a call holds users of one hash slot only."""
         if isinstance(self.redis, RedisCluster):
             by_slot: dict[int, list[str]] = {}
             for user_id in by_user:
@@ -247,19 +340,32 @@ class HistoryStore:
             runs = list(by_slot.values())
         else:
             runs = [list(by_user)]
-        groups: list[list[str]] = []
+        limit = EVENTS_PER_CALL
+        groups: list[list[tuple[str, list[int]]]] = []
         for users in runs:
-            group: list[str] = []
+            group: list[tuple[str, list[int]]] = []
             size = 0
             for user_id in users:
-                n = len(by_user[user_id])
-                if group and size + n > EVENTS_PER_CALL:
+                rows = by_user[user_id]
+                if size + len(rows) <= limit:
+                    group.append((user_id, rows))
+                    size += len(rows)
+                    continue
+                if len(rows) <= limit:  # fits a call of its own: start one
                     groups.append(group)
-                    group, size = [], 0
-                group.append(user_id)
-                size += n
+                    group, size = [(user_id, rows)], len(rows)
+                    continue
+                start = 0
+                while start < len(rows):  # a big user: fill this call, then whole calls, then the rest
+                    if size == limit:
+                        groups.append(group)
+                        group, size = [], 0
+                    take = rows[start:start + limit - size]
+                    group.append((user_id, take))
+                    size += len(take)
+                    start += len(take)
             groups.append(group)
-        return groups
+        return [g for g in groups if g]
 
     # ----------------------------------------------------------------------------------- read
 
@@ -297,7 +403,7 @@ class HistoryStore:
         return int(n_pos), int(n_neg)
 
     async def delete_user(self, user_id: str) -> None:
-        """Forget a user: both histories, the counter and the dedupe set."""
+        """Forget a user: both histories, the counter, the dedupe set and its payload hashes."""
         k = self.keys(user_id)
         with _redis_errors():
             await self.redis.delete(*k.values())
@@ -324,10 +430,13 @@ class HistoryStore:
                     raise HistoryStoreError(f"SCRIPT LOAD returned {loaded!r}, expected {sha}") from None
                 return await self.redis.evalsha(sha, len(keys), *keys, *args)
 
-    async def _eval_many(self, sha: str, script: str, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+    async def _eval_many(self, sha: str, script: str, calls: list[tuple[list[str], list[str]]], *,
+                         keep: tuple[type[Exception], ...] = ()) -> list[Any]:
         """EVALSHA once per call, pipelined (one round trip); loads the script on NOSCRIPT.
 
-        A script that failed with NOSCRIPT did not run, so re-running exactly those is safe.
+        A script that failed with NOSCRIPT did not run, so re-running exactly those is safe. A call
+        that failed with an error of a `keep` type gets that error as its result (the other calls'
+        results still come back); any other error is raised.
         """
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
@@ -350,6 +459,8 @@ class HistoryStore:
                         # restarted master) as a reply instead of retrying it: retry once, as the
                         # single-node client's Retry does (same at-least-once caveat, see above).
                         lost.append(i)
+                    elif isinstance(reply, keep):
+                        results[i] = reply
                     elif isinstance(reply, Exception):
                         raise reply
                     else:
@@ -407,6 +518,12 @@ def _payload(ev: HistoryEvent) -> str:
     text, built from the string encoder json.dumps itself uses, without an encoder object per call."""
     category = "null" if ev.category is None else _json_string(ev.category)
     return f"[{_json_string(ev.item_id)},{_json_string(ev.event)},{category}]"
+
+
+def _digest(head: str, payload: str) -> str:
+    """16 hex digits identifying an event's content (polarity, timestamp, item, event, category): what a
+    repeated event_id is compared by (same: duplicate, different: conflict)."""
+    return hashlib.blake2b(f"{head}\n{payload}".encode(), digest_size=8).hexdigest()
 
 
 def _text(value: str | bytes) -> str:

@@ -356,17 +356,27 @@ async def run_ingester(settings: Any, *, stream: str, group: str, consumer: str,
     """The `polarity ingest` process: store + writer + metrics (port optional), until stopped."""
     import signal
 
+    from service.errors import StartupError
     from service.event_mapping import EventMapping
     from service.redis_client import create_redis
+    from service.redis_watch import RedisWatch
     from service.startup import freeze_startup_objects, open_store, start_metrics_server, unfreeze_objects
 
     metrics = ServiceMetrics()
     store = open_store(settings)
+    # As the service does: say whether Redis keeps what it acknowledges; refuse a non-durable one when required.
+    watch = RedisWatch(store=store, metrics=metrics, require_durable=settings.require_durable_redis)
+    await watch.check()
+    refused = watch.durability_refused()
+    if refused is not None:
+        await store.redis.aclose()
+        raise StartupError(f"refusing to start: {refused} ({watch.persistence.describe()})")
     # Stream reads block up to block_ms: their own client, with a read timeout longer than the block.
     stream_redis = create_redis(settings.redis_url, connect_timeout_s=settings.redis_connect_timeout_ms / 1000.0,
                                 op_timeout_s=block_ms / 1000.0 + settings.redis_timeout_ms / 1000.0 + 1.0,
                                 max_connections=4, retries=settings.redis_retries)
-    writer = EventWriter(store=store, mapping=EventMapping(polarity=settings.event_polarity), metrics=metrics)
+    mapping = EventMapping(polarity=settings.event_polarity, max_clock_skew_s=settings.max_clock_skew_s)
+    writer = EventWriter(store=store, mapping=mapping, metrics=metrics)
     server = start_metrics_server(settings, metrics) if settings.metrics_port is not None else None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

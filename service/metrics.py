@@ -19,6 +19,14 @@ HISTORY_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 200, 300, 400, 512, 1024)
 STAGES = ("redis_read", "sequence_build", "inference", "serialize", "redis_write")
 SHED_REASONS = ("overloaded", "rate_limited", "too_many_items")
 
+# Label values that exist from start-up on (at 0): a labelled series is otherwise born at its first
+# increment, and rate()/increase() over a window that starts with that birth see nothing, so the first
+# burst of errors would not fire an alert.
+REDIS_OPERATIONS = ("read", "append", "served_log", "stream_ingest")
+DEGRADED_REASONS = ("redis_timeout", "redis_unavailable", "redis_error", "overloaded")
+RELOAD_OUTCOMES = ("success", "failure")
+INGEST_BATCH_OUTCOMES = ("success", "retry")
+
 
 class ServiceMetrics:
     """All metric families; `registry` is what /metrics (or the metrics port) exposes."""
@@ -54,6 +62,10 @@ class ServiceMetrics:
             "polarity_redis_duration_seconds", "Redis call latency", ("operation",), buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.redis_queue = Histogram(
+            "polarity_redis_queue_seconds", "Time a Redis call waited in this process for a connection slot (not "
+            "Redis's time)", ("operation",), buckets=LATENCY_BUCKETS, registry=r,
+        )
         self.degraded = Counter(
             "polarity_degraded_responses_total", "Score answers without history", ("reason",), registry=r
         )
@@ -72,21 +84,42 @@ class ServiceMetrics:
         self.ingest_batches = Counter(
             "polarity_ingest_batches_total", "Stream batches processed", ("outcome",), registry=r
         )
+        self.redis_up = Gauge("polarity_redis_up", "1 while Redis answers PING (checked every second)", registry=r)
+        self.redis_durable = Gauge(
+            "polarity_redis_durable", "Redis persistence: 1 AOF or RDB on, 0 neither (a restart loses events), "
+            "-1 unknown (CONFIG refused)", registry=r,
+        )
+        self.events_ready = Gauge(
+            "polarity_events_ready", "1 while POST /v1/events can store events (/readyz/events answers 200)",
+            registry=r,
+        )
         self.microbatch_size = Histogram(
             "polarity_microbatch_requests", "Score requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
-
-        # Load shedding (service/admission.py): refused before any work, by reason; label values born at zero.
+        # Load shedding (service/admission.py): refused before any work, by reason.
         self.shed_requests = Counter(
             "polarity_shed_requests_total", "Requests refused before any work: overloaded (503), rate_limited (429), "
             "too_many_items (413 counted before the parse)", ("reason",), registry=r,
         )
-        for reason in SHED_REASONS:
-            self.shed_requests.labels(reason=reason)
         self.in_flight = Gauge(
             "polarity_in_flight_requests", "Requests being handled on the admission-controlled routes", registry=r
         )
+        self.preinitialise()
+
+    def preinitialise(self) -> None:
+        """Create every known label value of the error counters at 0 (see REDIS_OPERATIONS)."""
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation=operation)
+            self.redis_duration.labels(operation=operation)
+        for reason in DEGRADED_REASONS:
+            self.degraded.labels(reason=reason)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome=outcome)
+        for outcome in INGEST_BATCH_OUTCOMES:
+            self.ingest_batches.labels(outcome=outcome)
+        for reason in SHED_REASONS:
+            self.shed_requests.labels(reason=reason)
 
     def set_model(self, *, name: str, version: str, arch: str, provider: str, kernel: str, requested: str) -> None:
         """Exactly one model_info / provider_info series at a time (the model now served)."""

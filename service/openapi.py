@@ -49,7 +49,8 @@ EXAMPLES: dict[str, Any] = {
          "category": "c1"},
         {"event_id": "e-1002", "user_id": "u42", "item_id": "i17", "timestamp": 1733443260.0, "event": "skip"},
         {"event_id": "e-1003", "user_id": "u7", "item_id": "i40", "timestamp": 1733443270.5, "label": 1}]},
-    "EventsResponse": {"accepted": 2, "duplicates": 1, "rejected": 0, "results": [
+    "EventsResponse": {"accepted": 2, "duplicates": 1, "rejected": 0, "dropped": 0, "conflicts": 0, "not_stored": 0,
+                       "results": [
         {"index": 0, "status": "accepted", "reason": None}, {"index": 1, "status": "duplicate", "reason": None},
         {"index": 2, "status": "accepted", "reason": None}]},
     "ReloadRequest": {"bundle": "bundles/onetrans-2026-12-06"},
@@ -86,7 +87,12 @@ def timed_examples(now: float) -> dict[str, Any]:
 OPERATION_EXAMPLES: dict[tuple[str, str], Any] = {
     ("/livez", "get"): {"status": "ok"},
     ("/readyz", "get"): {"status": "ready", "details": {
-        "redis": "ok", "model_loaded": True, "provider": "CPUExecutionProvider", "requested_device": "auto"}},
+        "redis": "ok", "redis_persistence": {"aof": "on (appendfsync everysec)", "rdb": "off", "verdict": "durable"},
+        "events": "ready", "redis_memory": "ok", "model_loaded": True, "provider": "CPUExecutionProvider",
+        "requested_device": "auto"}},
+    ("/readyz/events", "get"): {"status": "ready", "details": {
+        "redis": "ok", "redis_persistence": {"aof": "on (appendfsync everysec)", "rdb": "off", "verdict": "durable"},
+        "events": "ready", "reason": "ok"}},
     ("/v1/model", "get"): {"manifest": {"model": {"name": "ctr-onetrans", "version": "3f9a1c2e7b40", "arch": "onetrans",
                                                   "seq_len": 100}},
                            "serving": {"name": "ctr-onetrans", "version": "3f9a1c2e7b40", "arch": "onetrans",

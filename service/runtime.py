@@ -13,6 +13,7 @@ from service.event_writer import EventWriter
 from service.history_store import HistoryStore
 from service.metrics import ServiceMetrics
 from service.model_slot import BackendFactory, ModelSlot
+from service.redis_watch import RedisWatch
 from service.scoring import Scorer
 from service.settings import Settings
 
@@ -28,6 +29,7 @@ class Runtime:
     writer: EventWriter
     executor: ThreadPoolExecutor
     backend_factory: BackendFactory
+    watch: RedisWatch
 
 
 async def get_runtime(request: Request) -> Runtime:

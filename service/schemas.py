@@ -79,7 +79,8 @@ class ScoreResponse(BaseModel):
 
 
 class EventIn(_Strict):
-    event_id: Id | None = Field(default=None, description="idempotency key: a repeated id is a duplicate")
+    event_id: Id | None = Field(default=None, description="idempotency key, unique per user: a repeated id is a "
+                                "duplicate (a conflict when the event differs)")
     user_id: Id
     item_id: Id
     timestamp: Timestamp
@@ -92,7 +93,11 @@ class EventsRequest(_Strict):
     events: list[EventIn] = Field(min_length=1)
 
 
-EventStatus = Literal["accepted", "duplicate", "rejected"]
+# accepted: stored; duplicate: its event_id was seen before; rejected: invalid (see reason); not_stored: Redis
+# refused the write (out of memory, only in a 503 body): resend exactly these rows; dropped: older than the newest
+# history_cap events of its polarity, so trimmed at once (its event_id is remembered); conflict: its event_id was
+# stored before for this user with another payload (event ids are unique per user), not written.
+EventStatus = Literal["accepted", "duplicate", "rejected", "dropped", "conflict", "not_stored"]
 
 
 class EventResult(BaseModel):
@@ -105,6 +110,9 @@ class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
     rejected: int
+    dropped: int = Field(default=0, description="rows too old for the capped history (trimmed at once)")
+    conflicts: int = Field(default=0, description="rows whose event_id was stored before with another payload")
+    not_stored: int = Field(default=0, description="rows Redis refused (out of memory): non-zero only in a 503 body")
     results: list[EventResult]
 
 

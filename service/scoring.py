@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from model.features.inputs import INPUT_NAMES, InputArrays, inputs_from_sequence
 from model.features.sequence import SequenceBatch
 from model.features.spec import FIRST_ID_INDEX
 from service.assembly import assemble_sequences
-from service.errors import TooManyCandidates
+from service.errors import InvalidField, NonFiniteScore, TooManyCandidates
 from service.history_columns import UserHistory
 from service.history_store import HistoryStore, HistoryStoreError, HistoryStoreUnavailable
 from service.metrics import STAGES, ServiceMetrics
@@ -29,6 +30,7 @@ from service.model_slot import LoadedModel, ModelSlot
 from service.request_context import user_digest
 from service.schemas import Explanation, HistoryToken, ScoreRequest, ScoreResponse
 from service.settings import Settings
+from service.time_bounds import timestamp_problem
 
 log = logging.getLogger("polarity.service")
 
@@ -55,32 +57,70 @@ class Scorer:
         # The labelled children, looked up once: `labels()` takes a lock and a dict lookup per call.
         self._stage = {stage: metrics.stage_duration.labels(stage=stage) for stage in STAGES}
         self._redis_read = metrics.redis_duration.labels(operation="read")
+        self._redis_queue = metrics.redis_queue.labels(operation="read")
+        # Reads in flight at most: one per pool connection, so a read never waits inside the pool, where its
+        # wait would count against the Redis budget (the queue in front of them is timed on its own).
+        self._read_slots = asyncio.Semaphore(settings.redis_max_connections)
         self._history_length = {pol: metrics.history_length.labels(polarity=pol) for pol in ("positive", "negative")}
         self._cand_user = np.zeros(settings.max_candidates, dtype=np.int64)  # every candidate reads sequence 0 (U=1)
 
     async def read_history(self, user_id: str) -> tuple[UserHistory, str | None]:
-        """The user's history, or (empty, reason) when Redis fails or is too slow."""
+        """The user's history, or (empty, reason) when Redis fails or is too slow, or this process is.
+
+        The budget times Redis, not this process's own queue: a read first waits for one of the
+        `redis_max_connections` read slots (at most the budget again: past it the answer is degraded with
+        reason `overloaded`, which is not a Redis error), timed into polarity_redis_queue_seconds; then
+        the read itself gets the whole budget (past it: `redis_timeout`, unless the event loop only got
+        back to this request more than half a budget after the deadline: then it was too busy to read the
+        reply, and the reason is `overloaded` too)."""
         t0 = time.perf_counter()
         reason: str | None = None
-        try:
-            # asyncio.timeout, not wait_for: no extra task (and loop turn) per request on 3.11.
-            async with asyncio.timeout(self.budget_s):
-                history = await self.store.read(user_id)
-        except TimeoutError:
-            reason = "redis_timeout"
-        except HistoryStoreUnavailable:
-            reason = "redis_unavailable"
-        except HistoryStoreError:
-            reason = "redis_error"
-        elapsed = time.perf_counter() - t0
-        self._redis_read.observe(elapsed)
-        self._stage["redis_read"].observe(elapsed)
+        slots = self._read_slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self.budget_s):
+                    await slots.acquire()
+            except TimeoutError:
+                reason = "overloaded"
+        else:
+            await slots.acquire()  # free: returns at once
+        t1 = time.perf_counter()
+        self._redis_queue.observe(t1 - t0)
+        if reason is None:
+            try:
+                # asyncio.timeout, not wait_for: no extra task (and loop turn) per request on 3.11.
+                async with asyncio.timeout(self.budget_s) as budget:
+                    history = await self.store.read(user_id)
+            except TimeoutError:
+                # Resumed long after the deadline: this process's event loop is congested, and the reply may
+                # well have been waiting in the socket for it; blame the process, not Redis.
+                late = asyncio.get_running_loop().time() - (budget.when() or 0.0)
+                reason = "overloaded" if late > self.budget_s / 2 else "redis_timeout"
+            except HistoryStoreUnavailable:
+                reason = "redis_unavailable"
+            except HistoryStoreError:
+                reason = "redis_error"
+            finally:
+                slots.release()
+            elapsed = time.perf_counter() - t1
+            self._redis_read.observe(elapsed)
+        self._stage["redis_read"].observe(time.perf_counter() - t0)
         if reason is not None:
-            self.metrics.redis_errors.labels(operation="read").inc()
+            if reason != "overloaded":
+                self.metrics.redis_errors.labels(operation="read").inc()
             self.metrics.degraded.labels(reason=reason).inc()
             log.warning("degraded answer: user %s scored without history (%s)", user_digest(user_id), reason)
             return UserHistory.empty(), reason
         return history, None
+
+    def cutoff(self, request_time: float | None, now: float, *, field: str) -> float:
+        """The sequence cut-off: `request_time` (422 naming `field` outside [2000-01-01, now + skew]) or now."""
+        if request_time is None:
+            return now
+        problem = timestamp_problem(request_time, now=now, max_skew_s=self.settings.max_clock_skew_s)
+        if problem is not None:
+            raise InvalidField(field, problem)
+        return request_time
 
     async def infer(self, model: LoadedModel, inputs: InputArrays, *, attention: bool = True) -> Scored:
         """The model's outputs (`attention` only when asked). A call of at most `inference_inline_max_candidates`
@@ -112,7 +152,7 @@ class Scorer:
             raise TooManyCandidates(f"{n} candidates in one request; the limit is {self.settings.max_candidates} "
                                     "(POLARITY_MAX_CANDIDATES): split the request")
         self.metrics.candidates.observe(n)
-        cutoff = req.request_time if req.request_time is not None else time.time()
+        cutoff = self.cutoff(req.request_time, time.time(), field="body.request_time")
         history, reason = await self.read_history(req.user_id)
         model = self.slot.current  # this request uses this model to the end, even across a reload
 
@@ -127,6 +167,7 @@ class Scorer:
         self._stage["sequence_build"].observe(t1 - t0)
 
         scored = await self.infer(model, inputs, attention=req.explain)
+        check_finite(scored.probs)
         t2 = time.perf_counter()
         self._stage["inference"].observe(t2 - t1)
         self.after_inference(req, model=model, cutoff=cutoff, seqs=seqs, inputs=inputs, scored=scored, degraded=reason)
@@ -141,6 +182,17 @@ class Scorer:
                              degraded_reason=reason, explanations=explanations)
         self._stage["serialize"].observe(time.perf_counter() - t2)
         return body
+
+
+def check_finite(probs: np.ndarray) -> None:
+    """Never a NaN, infinite or null score in an answer: a model output that is not finite is a server fault,
+    answered 500 with an error id that the log line carries too."""
+    if not np.isfinite(probs).all():
+        error_id = uuid.uuid4().hex[:12]
+        bad = int((~np.isfinite(probs)).sum())
+        log.error("non-finite score: %d of %d model outputs are NaN or infinite; error id %s", bad, probs.size,
+                  error_id)
+        raise NonFiniteScore(error_id)
 
 
 def response_json(*, scores: np.ndarray, model_version: str, positives: int, negatives: int,

@@ -134,15 +134,35 @@ class Settings(BaseSettings):
     history_cap: int = Field(default=512, ge=1, description="events kept per user and polarity")
     history_ttl_s: int = Field(default=30 * 86400, ge=1)
     dedupe_ttl_s: int = Field(default=86400, ge=1, description="how long an event_id is remembered")
+    dedupe_max_ids: int = Field(
+        default=2048, ge=1, description="event ids remembered per user, at most (the newest): bounds the dedupe set's "
+        "memory (~100-200 bytes per id)",
+    )
     key_prefix: str = Field(default="pol", min_length=1)
     redis_timeout_ms: int = Field(default=250, ge=1, description="socket read/write timeout")
     redis_connect_timeout_ms: int = Field(default=500, ge=1)
-    redis_max_connections: int = Field(default=64, ge=1)
+    redis_max_connections: int = Field(
+        default=256, ge=1, description="Redis connections per process, at most (opened on demand): at least the "
+        "number of requests the service admits at once, so that a score request's read never waits for one, "
+        "which its Redis budget would count",
+    )
     redis_retries: int = Field(default=1, ge=0)
     score_redis_budget_ms: int = Field(
         default=50, ge=1, description="/v1/score answers from an empty history when Redis takes longer"
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 503 answers")
+    max_clock_skew_s: float = Field(
+        default=300.0, ge=0, description="event timestamps and request_time may be at most this far after the "
+        "server's clock (later ones are rejected: usually milliseconds sent as seconds); the earliest taken is "
+        "2000-01-01",
+    )
+    require_durable_redis: bool = Field(
+        default=False, description="refuse to start (and refuse event writes) when Redis has neither AOF nor RDB "
+        "on, or its persistence cannot be read (CONFIG disabled)",
+    )
+    redis_watch_interval_s: float = Field(
+        default=1.0, gt=0, description="how often Redis is PINGed to notice (and log) an outage and a reconnect",
+    )
 
     # --- events
     event_polarity: dict[str, int] = Field(default_factory=lambda: dict(ENGAGEMENT_POLARITY))

@@ -31,7 +31,8 @@ def open_store(settings: Settings) -> HistoryStore:
         retries=settings.redis_retries,
     )
     return HistoryStore(redis=redis, cap=settings.history_cap, ttl_s=settings.history_ttl_s,
-                        dedupe_ttl_s=settings.dedupe_ttl_s, key_prefix=settings.key_prefix)
+                        dedupe_ttl_s=settings.dedupe_ttl_s, dedupe_max_ids=settings.dedupe_max_ids,
+                        key_prefix=settings.key_prefix)
 
 def start_metrics_server(settings: Settings, metrics: ServiceMetrics) -> Any:
     """/metrics on its own port (settings.metrics_port); returns the server to shut down."""

@@ -94,13 +94,15 @@ def _major_version(binary: str) -> int:
 class RedisProcess:
     """Start/stop a private redis-server on 127.0.0.1 (no persistence unless asked)."""
 
-    def __init__(self, *, port: int | None = None, appendonly: bool = False,
-                 binaries: RedisBinaries | None = None) -> None:
+    def __init__(self, *, port: int | None = None, appendonly: bool = False, appendfsync: str | None = None,
+                 extra_args: tuple[str, ...] = (), binaries: RedisBinaries | None = None) -> None:
         self.binaries = binaries or find_redis()
         self.binary = str(self.binaries.server)
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="polarity-redis-"))
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # always | everysec | no (None: Redis's default, everysec)
+        self.extra_args = tuple(extra_args)  # further redis-server options, e.g. ("--rename-command", "CONFIG", "")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -113,9 +115,12 @@ class RedisProcess:
             "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.dir),
             "--logfile", str(self.dir / "redis.log"),
         ]
+        if self.appendfsync is not None:
+            args += ["--appendfsync", self.appendfsync]
         if _major_version(self.binary) >= 7:
             # DEBUG SLEEP (slow-Redis fault tests) is refused from 7.0 on unless enabled; loopback clients only.
             args += ["--enable-debug-command", "local"]
+        args += list(self.extra_args)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -131,6 +136,13 @@ class RedisProcess:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, with no chance to flush or save anything (a crash)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
 

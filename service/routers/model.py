@@ -57,9 +57,10 @@ async def reload_model(body: ReloadRequest, runtime: Runtime = Depends(get_runti
     path = confined_bundle_path(body.bundle, runtime.settings.reload_root)
     try:
         old, new = await runtime.slot.reload(path)
-    except BundleRejected:
+    except BundleRejected as exc:
         runtime.metrics.reloads.labels(outcome="failure").inc()
-        log.warning("model reload refused; still serving %s", runtime.slot.current.version)
+        log.warning("model reload of %s refused: %s; still serving %s", path, exc.message,
+                    runtime.slot.current.version)
         raise
     runtime.metrics.reloads.labels(outcome="success").inc()
     b = new.backend

@@ -44,7 +44,8 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", summary="Readiness (V2): Redis answers and a model is loaded", responses=NOT_READY)
+@router.get("/v2/health/ready", summary="Readiness (V2): as /readyz, can answer /v1/score (Redis down only degrades)",
+            responses=NOT_READY)
 async def ready(request: Request) -> JSONResponse:
     ok, _ = await readiness(getattr(request.app.state, "runtime", None))
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)

@@ -19,11 +19,11 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 def _scores(app, user: str, items: list[str]) -> tuple[list[float], dict]:
     with serve_in_thread(app) as url:
         r = httpx.post(f"{url}/v1/events", json={"events": [
-            {"event_id": f"e{k}", "user_id": user, "item_id": items[k % len(items)], "timestamp": 100.0 + k,
+            {"event_id": f"e{k}", "user_id": user, "item_id": items[k % len(items)], "timestamp": 1_700_000_100.0 + k,
              "event": "click" if k % 3 else "skip"} for k in range(12)]}, timeout=30)
         assert r.status_code == 200 and r.json()["accepted"] == 12
         r = httpx.post(f"{url}/v1/score", json={"user_id": user, "candidates": [{"item_id": i} for i in items],
-                                                "request_time": 1000.0}, timeout=30)
+                                                "request_time": 1_700_001_000.0}, timeout=30)
         assert r.status_code == 200, r.text
         ready = httpx.get(f"{url}/readyz", timeout=30).json()
     return r.json()["scores"], ready

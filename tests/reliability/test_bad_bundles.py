@@ -17,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.redis]
 
 API_KEY = "bad-bundle-key-77"
-PROBE = {"user_id": "probe", "candidates": [{"item_id": str(i)} for i in range(1, 20)], "request_time": 1.8e9}
+PROBE = {"user_id": "probe", "candidates": [{"item_id": str(i)} for i in range(1, 20)], "request_time": 1.76e9}
 
 
 def _rehash(bundle: Path, rel: str) -> None:

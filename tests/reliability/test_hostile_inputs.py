@@ -114,7 +114,7 @@ CASES: list[Hostile] = [
             headers=JSON),
     Hostile(name="negative timestamp", path="/v1/events", allowed=OK_OR_4XX, json_body=event(timestamp=-1e9)),
     Hostile(name="far-future timestamp", path="/v1/events", allowed=OK_OR_4XX, json_body=event(timestamp=1e300)),
-    Hostile(name="far-future request_time", path="/v1/score", allowed=frozenset({200}),
+    Hostile(name="far-future request_time", path="/v1/score", allowed=frozenset({422}),
             json_body=score(user_id="u-hostile", request_time=1e300)),
     Hostile(name="negative request_time", path="/v1/score", allowed=OK_OR_4XX, json_body=score(request_time=-1e300)),
     Hostile(name="timestamp as huge integer", path="/v1/events", allowed=OK_OR_4XX,

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.reliability, pytest.mark.slow]
 
 API_KEY = "reload-key-51d0"
 PROBE = {"user_id": "probe-no-history", "candidates": [{"item_id": str(i)} for i in range(1, 30)],
-         "request_time": 1_800_000_000.0}
+         "request_time": 1_760_000_000.0}
 
 
 def traffic(i: int) -> Request:

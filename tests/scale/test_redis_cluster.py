@@ -148,7 +148,8 @@ def _settings(cluster: RedisClusterProcess, prefix: str) -> Any:
 
 
 def stream_entry(user: str, j: int) -> dict[str, str]:
-    return {"user_id": user, "item_id": f"i{j}", "timestamp": repr(100.0 + j), "event": "click" if j % 2 else "skip"}
+    return {"user_id": user, "item_id": f"i{j}", "timestamp": repr(1_700_000_100.0 + j),
+            "event": "click" if j % 2 else "skip"}
 
 
 async def test_stream_consumer_on_a_cluster_survives_a_dead_master(doomed_cluster: RedisClusterProcess) -> None:

@@ -100,7 +100,10 @@ async def test_history_cap_and_ttl(make_settings: SettingsFactory, redis_url: st
     settings = make_settings(history_cap=512, history_ttl_s=120, max_events=600)
     async with serving(settings) as (app, client):
         rows = [{"user_id": "dave", "item_id": ITEMS[k % 6], "timestamp": T0 + k, "event": "click"} for k in range(530)]
-        assert (await client.post("/v1/events", json={"events": rows})).json()["accepted"] == 530
+        written = (await client.post("/v1/events", json={"events": rows})).json()
+        # The oldest 18 fall out of the 512-event history at once: reported dropped, not accepted.
+        assert (written["accepted"], written["dropped"]) == (512, 18)
+        assert {r["status"] for r in written["results"][:18]} == {"dropped"}
         out = (await client.post("/v1/score", json=score_body("dave", at=T0 + 1000))).json()
         assert out["history"] == {"positives": 512, "negatives": 0}
         # The 18 oldest were trimmed: nothing is left before T0 + 18.
@@ -139,8 +142,11 @@ async def test_redis_down_degrades_scores_and_refuses_writes(make_settings: Sett
         w = await client.post("/v1/events", json={"events": events("erin", ITEMS[:1], "click")})
         assert w.status_code == 503 and w.headers["Retry-After"] == "3"
         assert w.json()["error"] == "redis_unavailable" and "no event is reported as accepted" in w.json()["message"]
+        # Still ready: it can answer /v1/score (degraded); the events signal says Redis is down.
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["details"]["redis"] == "unavailable"
+        assert ready.status_code == 200 and ready.json()["details"]["redis"] == "down"
+        events_ready = await client.get("/readyz/events")
+        assert events_ready.status_code == 503 and "redis down" in events_ready.json()["details"]["reason"]
         assert (await client.get("/livez")).status_code == 200
         text = (await client.get("/metrics")).text
         degraded = sum(metric_value(text, "polarity_degraded_responses_total", reason=r)
@@ -304,7 +310,8 @@ def _copy_bundle(src: Path, dst: Path, *, version: str) -> Path:
 
 
 async def test_reload_under_concurrent_requests(make_settings: SettingsFactory, tiny_bundle: Any,
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="polarity.service")
     models = tmp_path / "models"
     v1 = _copy_bundle(tiny_bundle.bundle, models / "v1", version="v1")
     _copy_bundle(tiny_bundle.bundle, models / "v2", version="v2")
@@ -342,6 +349,9 @@ async def test_reload_under_concurrent_requests(make_settings: SettingsFactory, 
 
         bad = await client.post("/v1/admin/reload", json={"bundle": str(corrupt)})
         assert bad.status_code == 422 and "sha256 mismatch" in bad.json()["message"]
+        # The log line of a refused reload names the bundle and the reason (issue 20, item 18).
+        refused = [r.getMessage() for r in caplog.records if "model reload of" in r.getMessage()]
+        assert len(refused) == 1 and str(corrupt.resolve()) in refused[0] and "sha256 mismatch" in refused[0], refused
         escape = await client.post("/v1/admin/reload", json={"bundle": "../elsewhere"})
         assert escape.status_code == 403
         absolute = await client.post("/v1/admin/reload", json={"bundle": str(outside)})
@@ -439,3 +449,45 @@ async def test_an_unexpected_error_is_a_500_logged_without_request_content(
     assert r.json()["message"]
     assert "RuntimeError" in caplog.text
     assert secret not in caplog.text and secret not in r.text
+
+
+async def test_a_non_finite_model_output_is_a_500_with_an_error_id_never_a_null_score(
+        make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Item 13: whatever the model produces, an answer never holds a null/NaN score; a NaN is a 500 with an id."""
+    from service.inference import onnx_backend_factory
+
+    class Poisoned:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.provider, self.kernel = inner, inner.provider, inner.kernel
+
+        def run(self, inputs: dict[str, np.ndarray], *, attention: bool = True) -> dict[str, np.ndarray]:
+            out: dict[str, np.ndarray] = dict(self.inner.run(inputs, attention=attention))
+            if inputs["cand_item"].shape[0] == 3:
+                out["probs"] = out["probs"].copy()
+                out["probs"][1] = np.nan
+            return out
+
+    async with serving(make_settings(), backend_factory=lambda m, s: Poisoned(onnx_backend_factory(m, s))) as (
+            _, client):
+        ok = await client.post("/v1/score", json=score_body("finite", items=ITEMS[:2]))
+        assert ok.status_code == 200 and all(math.isfinite(x) for x in ok.json()["scores"])
+        bad = await client.post("/v1/score", json=score_body("finite", items=ITEMS[:3]))
+        assert bad.status_code == 500, bad.text
+        body = bad.json()
+        assert body["error"] == "non_finite_score" and body["error_id"] in body["message"]
+        batch = await client.post("/v1/score:batch", json={"requests": [score_body("finite", items=ITEMS[:3])]})
+        assert batch.status_code == 500 and batch.json()["error"] == "non_finite_score"
+    assert body["error_id"] in caplog.text
+
+
+async def test_error_counters_exist_at_zero_from_start_up(make_settings: SettingsFactory) -> None:
+    """Item 18: a labelled counter born at its first increment hides that increment from rate(); the service
+    creates the error counters' label values at 0 when it starts."""
+    async with serving(make_settings()) as (_, client):
+        text = (await client.get("/metrics")).text
+    for operation in ("read", "append", "served_log", "stream_ingest"):
+        assert f'polarity_redis_errors_total{{operation="{operation}"}} 0.0' in text, operation
+        assert f'polarity_redis_duration_seconds_count{{operation="{operation}"}} 0.0' in text, operation
+    for reason in ("redis_timeout", "redis_unavailable", "redis_error", "overloaded"):
+        assert f'polarity_degraded_responses_total{{reason="{reason}"}} 0.0' in text, reason
+    assert 'polarity_model_reloads_total{outcome="failure"} 0.0' in text

@@ -50,10 +50,10 @@ def test_attention_shares_and_top_tokens(tiny_bundle: Any) -> None:
 @pytest.mark.asyncio
 async def test_explain_over_http(make_settings: SettingsFactory) -> None:
     async with serving(make_settings()) as (app, client):
-        rows = [{"user_id": "x", "item_id": i, "timestamp": 100.0 + k, "event": e}
+        rows = [{"user_id": "x", "item_id": i, "timestamp": 1_700_000_100.0 + k, "event": e}
                 for k, (i, e) in enumerate([("247", "click"), ("258", "skip"), ("94", "like"), ("294", "dislike")])]
         await client.post("/v1/events", json={"events": rows})
-        body = {"user_id": "x", "candidates": [{"item_id": "263"}, {"item_id": "222"}], "request_time": 200.0,
+        body = {"user_id": "x", "candidates": [{"item_id": "263"}, {"item_id": "222"}], "request_time": 1_700_000_200.0,
                 "explain": True}
         out = (await client.post("/v1/score", json=body)).json()
         assert [e["item_id"] for e in out["explanations"]] == ["263", "222"]

@@ -19,6 +19,7 @@ from redis.crc import key_slot
 
 from service.history_store import (
     ACCEPTED,
+    CONFLICT,
     DUPLICATE,
     EVENTS_PER_CALL,
     HistoryEvent,
@@ -119,13 +120,41 @@ async def test_idempotent_on_event_id(redis_url: str) -> None:
         assert triples(after.positives) == triples(before.positives)
         assert triples(after.negatives) == triples(before.negatives)
         assert after.positives.seqs.tolist() == before.positives.seqs.tolist()
-        # A repeated id inside one batch, and ids shared across users are per user.
-        out = await store.append([ev("u", "x", 10.0, eid="n1"), ev("u", "y", 11.0, eid="n1"),
-                                  ev("v", "z", 12.0, eid="e0"), ev("u", "w", 13.0)])
-        assert out == [ACCEPTED, DUPLICATE, ACCEPTED, ACCEPTED]
+        # A repeated id inside one batch (same event: duplicate; another event: conflict), and ids are per user.
+        out = await store.append([ev("u", "x", 10.0, eid="n1"), ev("u", "x", 10.0, eid="n1"),
+                                  ev("u", "y", 11.0, eid="n1"), ev("v", "z", 12.0, eid="e0"), ev("u", "w", 13.0)])
+        assert out == [ACCEPTED, DUPLICATE, CONFLICT, ACCEPTED, ACCEPTED]
         # Events without an id are never deduplicated.
         assert await store.append([ev("u", "w", 13.0)]) == [ACCEPTED]
         assert await store.count("u") == (3 + 3, 3)
+
+
+async def test_a_repeated_event_id_with_another_payload_is_a_conflict(redis_url: str) -> None:
+    """Item 5: the same id with a different item, event, category, timestamp or polarity is not a silent duplicate."""
+    async with open_store(redis_url) as store:
+        assert await store.append([ev("u", "a", 1.0, eid="e", cat="c")]) == [ACCEPTED]
+        variants = [ev("u", "b", 1.0, eid="e", cat="c"), ev("u", "a", 2.0, eid="e", cat="c"),
+                    ev("u", "a", 1.0, "like", eid="e", cat="c"), ev("u", "a", 1.0, eid="e", cat="d"),
+                    ev("u", "a", 1.0, "skip", eid="e", cat="c")]
+        assert await store.append(variants) == [CONFLICT] * len(variants)
+        assert await store.append([ev("u", "a", 1.0, eid="e", cat="c")]) == [DUPLICATE]
+        assert await store.count("u") == (1, 0)
+
+
+async def test_the_dedupe_set_is_capped_to_the_newest_ids(redis_url: str) -> None:
+    """Item 5: at most dedupe_max_ids ids (and their payload hashes) per user; a forgotten id is accepted again."""
+    async with open_store(redis_url, dedupe_max_ids=50) as store:
+        keys = store.keys("u")
+        for lo in range(0, 1000, 100):
+            await store.append([ev("u", f"i{k}", float(k), eid=f"id{k}") for k in range(lo, lo + 100)])
+            assert await store.redis.zcard(keys["dedupe"]) <= 50
+        assert await store.redis.zcard(keys["dedupe"]) == 50
+        assert await store.redis.hlen(keys["dedupe_hash"]) == 50
+        kept = [m.decode()[1:] for m in await store.redis.zrange(keys["dedupe"], 0, -1)]
+        assert sorted(kept) == sorted(f"id{k}" for k in range(950, 1000))  # the newest 50, in arrival order
+        k = int(kept[0][2:])
+        assert await store.append([ev("u", f"i{k}", float(k), eid=kept[0])]) == [DUPLICATE]
+        assert await store.append([ev("u", "i0", 5000.0, eid="id0")]) == [ACCEPTED]  # forgotten: not a duplicate
 
 
 async def test_late_event_lands_at_its_timestamp(redis_url: str) -> None:
@@ -190,7 +219,8 @@ async def test_one_write_of_many_users_equals_event_by_event(redis_url: str) -> 
         outcomes = await batch.append(events)
         expected = [(await single.append([e]))[0] for e in events]
         assert outcomes == expected
-        assert outcomes.count(DUPLICATE) > 100  # ids repeat, within the write and per user
+        # ids repeat, within the write and per user (with another payload: a conflict)
+        assert outcomes.count(DUPLICATE) + outcomes.count(CONFLICT) > 100
         users = sorted({e.user_id for e in events})
         for a, b in zip(await batch.read_many(users), await single.read_many(users), strict=True):
             assert triples(a.positives) == triples(b.positives)
@@ -206,9 +236,10 @@ async def test_an_expired_event_id_is_accepted_again(redis_url: str) -> None:
         assert await store.append([ev("u", "a", 1.0, eid="old"), ev("u", "b", 2.0, eid="live")]) == [ACCEPTED] * 2
         dedupe = store.keys("u")["dedupe"]
         await store.redis.zadd(dedupe, {"=old": time.time() - 5})  # as if remembered until 5 s ago
-        assert await store.append([ev("u", "a2", 3.0, eid="old"), ev("u", "b2", 4.0, eid="live")]) == [
+        assert await store.append([ev("u", "a2", 3.0, eid="old"), ev("u", "b", 2.0, eid="live")]) == [
             ACCEPTED, DUPLICATE]
-        assert await store.redis.zscore(dedupe, "=old") > time.time() + store.dedupe_ttl_s - 5  # re-armed
+        # re-armed (expiries are microseconds now; the one planted above is in seconds, the earlier format)
+        assert await store.redis.zscore(dedupe, "=old") > (time.time() + store.dedupe_ttl_s - 5) * 1e6
         assert (await store.read("u")).positives.item_ids == ["a", "b", "a2"]
 
 

@@ -386,3 +386,39 @@ async def test_cancelled_run_leaves_no_write_running_and_its_batch_is_redelivere
     finally:
         await r.delete(stream)
         await r.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_full_redis_leaves_entries_pending_and_they_apply_once_when_memory_is_back(
+        make_settings: SettingsFactory, private_redis: Any) -> None:
+    """Issue 20, item 1 on the stream path: a write Redis refuses for memory is not acknowledged; once memory is
+    back the pending entries are applied, the ones stored before the refusal as duplicates (entry-id dedupe)."""
+    settings = make_settings(redis_url=private_redis.url)
+    stream = f"{settings.key_prefix}:oom"
+    ing, metrics = ingester(settings, stream, "c1", batch_size=200, retry_backoff_s=0.05)
+    r = ing.redis
+    try:
+        await ing.ensure_group()
+        for k in range(600):
+            await r.xadd(stream, entry(f"u{k}", f"item-{k}-" + "x" * 200, T0 + k, event="click"))
+        used = int((await r.info("memory"))["used_memory"])
+        await r.config_set("maxmemory-policy", "noeviction")
+        await r.config_set("maxmemory", str(used + 64 * 1024))
+        stop = asyncio.Event()
+        task = asyncio.create_task(ing.run(stop=stop))
+        await asyncio.sleep(1.5)
+        assert (await r.xpending(stream, "g"))["pending"] > 0  # refused batches stay pending, not acknowledged
+        assert metrics.redis_errors.labels(operation="append")._value.get() >= 1
+        await r.config_set("maxmemory", "0")
+        deadline = asyncio.get_running_loop().time() + 20
+        while (await ing.lag()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+        assert await ing.lag() == 0
+        histories = await ing.writer.store.read_many([f"u{k}" for k in range(600)])
+        assert all(h.positives.item_ids == [f"item-{k}-" + "x" * 200] for k, h in enumerate(histories))
+    finally:
+        await r.config_set("maxmemory", "0")
+        await r.delete(stream)
+        await r.aclose()

@@ -42,7 +42,7 @@ def test_event_mapping_rules() -> None:
     m = EventMapping(polarity=Settings().event_polarity)
 
     def row(**kw: object) -> EventIn:
-        return EventIn.model_validate({"user_id": "u", "item_id": "i", "timestamp": 1.0, **kw})
+        return EventIn.model_validate({"user_id": "u", "item_id": "i", "timestamp": 1.7e9, **kw})
 
     click = m.map(row(event=" CLICK "))
     assert click.event is not None and click.event.polarity == 1 and click.event.event == "click"
