@@ -87,8 +87,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _skip_response(args: argparse.Namespace) -> int:
-    from loadtest.skip_response import SkipResponseConfig, bar_met, format_example, format_report, measure_in_process, \
-        measure_url
+    from loadtest.skip_response import (
+        SkipResponseConfig,
+        bar_met,
+        format_example,
+        format_report,
+        measure_in_process,
+        measure_url,
+    )
     from model.data.loaders import load_events
 
     if args.out is not None and args.out.exists() and not args.force:

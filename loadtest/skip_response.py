@@ -119,7 +119,8 @@ def plan_probes(table: EventTable, cfg: SkipResponseConfig) -> list[Probe]:
         last = float(table.timestamp[hi - 1])
         probes.append(Probe(
             user=str(table.user_keys[table.user[lo]]), rows=np.arange(max(lo, hi - cfg.history_events), hi),
-            category=str(table.category_keys[c]), same=[str(table.item_keys[i]) for i in same_and_posted[:cfg.candidates]],
+            category=str(table.category_keys[c]),
+            same=[str(table.item_keys[i]) for i in same_and_posted[:cfg.candidates]],
             other=[str(table.item_keys[i]) for i in other],
             other_categories=[str(table.category_keys[item_cat[i]]) for i in other],
             posted=[str(table.item_keys[i]) for i in same_and_posted[cfg.candidates:]],
@@ -292,7 +293,8 @@ def format_report(report: dict[str, Any], *, title: str | None = None) -> str:
 def format_example(report: dict[str, Any]) -> str:
     """The first user's before/after table in both conditions."""
     ex = report["example"]
-    lines = [f"user {ex['user']}: category c = {ex['category']} (of the last click); posted items {', '.join(ex['posted'])}",
+    lines = [f"user {ex['user']}: category c = {ex['category']} (of the last click); posted items "
+             f"{', '.join(ex['posted'])}",
              "| item | category | before | after k skips | Δ | after k clicks | Δ |", "|---|---|---|---|---|---|---|"]
     for j, (item, cat) in enumerate(zip(ex["items"], ex["categories"], strict=True)):
         b, s, c = ex["skip"]["before"][j], ex["skip"]["after"][j], ex["click"]["after"][j]
