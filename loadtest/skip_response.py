@@ -230,6 +230,7 @@ def measure_url(table: EventTable, url: str, cfg: SkipResponseConfig, *, api_key
         "conditions": {c: summarize_condition(v["diff"], v["same"], v["other"], c) for c, v in per_condition.items()},
         "diffs": {c: v["diff"] for c, v in per_condition.items()},
         "example": {"user": first.user, "category": first.category, "posted": first.posted,
+                    "request_time": first.request_time,
                     "items": first.same + first.other,
                     "categories": [first.category] * len(first.same) + first.other_categories, **example},
     }
@@ -290,15 +291,19 @@ def format_report(report: dict[str, Any], *, title: str | None = None) -> str:
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def format_example(report: dict[str, Any]) -> str:
-    """The first user's before/after table in both conditions."""
+def format_example(report: dict[str, Any], *, per_group: int | None = None) -> str:
+    """The first user's before/after table in both conditions (`per_group` rows of each candidate group)."""
     ex = report["example"]
+    n_same = ex["categories"].count(ex["category"])
+    shown = [j for j in range(len(ex["items"])) if per_group is None or (j < n_same and j < per_group)
+             or (j >= n_same and j - n_same < per_group)]
     lines = [f"user {ex['user']}: category c = {ex['category']} (of the last click); posted items "
              f"{', '.join(ex['posted'])}",
              "| item | category | before | after k skips | Δ | after k clicks | Δ |", "|---|---|---|---|---|---|---|"]
-    for j, (item, cat) in enumerate(zip(ex["items"], ex["categories"], strict=True)):
+    for j in shown:
+        item, cat = ex["items"][j], ex["categories"][j]
         b, s, c = ex["skip"]["before"][j], ex["skip"]["after"][j], ex["click"]["after"][j]
         bc = ex["click"]["before"][j]
-        lines.append(f"| {item} | {cat}{' (c)' if cat == ex['category'] else ''} | {b:.4f} | {s:.4f} | {s - b:+.4f} "
+        lines.append(f"| {item} | {cat}{' (c)' if j < n_same else ''} | {b:.4f} | {s:.4f} | {s - b:+.4f} "
                      f"| {c:.4f} | {c - bc:+.4f} |")
     return "\n".join(lines) + "\n"
