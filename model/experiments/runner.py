@@ -8,7 +8,7 @@ import logging
 import shlex
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +23,18 @@ from model.training.loop import train
 log = logging.getLogger(__name__)
 
 _RESUME_IGNORED = ("threads", "eval_batch_size")
+
+
+class ServingCost(Protocol):
+    """Serving time of a run's exported bundle (ms per request): called with (run_dir, bundle_dir) once per run, all
+    runs in one pass after training. The export package provides it (`export.arch_costs.BundleServingCost`); the
+    model package does not export."""
+
+    def description(self) -> dict[str, Any]:
+        """candidates, threads, reps and the ONNX path timed (for the table's preamble)."""
+        ...
+
+    def __call__(self, run_dir: Path, bundle: Path) -> float: ...
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -50,7 +62,7 @@ def _record(run: Run, key: str, run_dir: Path, metrics: dict[str, Any], *, resum
         "name": key, "arch": run.arch, "seq": run.seq, "setting": run.setting, "seed": run.seed,
         "fields": dict(run.fields), "run_dir": str(run_dir), "test": part("test"), "valid": part("valid"),
         "train_seconds": metrics["train"]["seconds"], "samples_per_s": metrics["train"]["samples_per_s"],
-        "threads": metrics["train"].get("threads"),
+        "threads": metrics["train"].get("threads"), "serving_ms": None,
         "data": metrics.get("data", {}), "resumed": resumed,
     }
 
@@ -70,11 +82,14 @@ def _train_run(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return train(TrainConfig.from_dict(cfg), out=Path(run_dir), progress=False)
 
 def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: list[str],
-                   train_overrides: dict[str, Any], jobs: int = 1, variants: tuple[str, ...] = RQ1_VARIANTS) -> Path:
+                   train_overrides: dict[str, Any], jobs: int = 1, variants: tuple[str, ...] = RQ1_VARIANTS,
+                   serving_cost: ServingCost | None = None) -> Path:
     """Run (or resume) experiment `name`; write JSON, markdown tables and PNGs; return the table's path.
 
     `jobs` > 1 trains that many runs at once in worker processes (set `threads` in the overrides so
-    they do not oversubscribe the cores); results do not depend on it."""
+    they do not oversubscribe the cores); results do not depend on it (the training samples/s do).
+    `serving_cost`: after training, each run of this call is exported to `OUT/bundles/<run>` and timed, in one
+    pass (`ServingCost`); without it the serving-time column says "—"."""
     runs = plan(name, archs=archs, seeds=seeds, variants=tuple(variants))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +152,13 @@ def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: li
         for r in current if r["seed"] == 0 and r["seq"].startswith("mix")
     ]
     header["threads"] = sorted({r["threads"] for r in current if r.get("threads") is not None})
+    header["jobs"] = jobs
+    if serving_cost is not None:
+        # One pass after all training, so every run is timed on the same, otherwise idle, machine.
+        header["serving"] = serving_cost.description()
+        for k, r in enumerate(current, 1):
+            log.info("[%d/%d] serving cost of %s", k, len(current), r["name"])
+            r["serving_ms"] = serving_cost(Path(r["run_dir"]), out / "bundles" / r["name"])
     _write_json(json_path, {**header, "runs": list(records.values()), "attention": attention})
 
     return write_report(name, header=header, records=current, attention=attention, out=out)
