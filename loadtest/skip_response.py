@@ -133,6 +133,45 @@ def plan_probes(table: EventTable, cfg: SkipResponseConfig) -> list[Probe]:
     return probes
 
 
+def world_response(table: EventTable, *, k: int = 5) -> dict[str, Any]:
+    """What the log itself says, model-free: the click rate of an exposure whose category c is that of the user's
+    last click, by how many skips of c came since that click (0 … k, k meaning k or more), next to the click rate
+    of other-category exposures in the same situation. A model that learnt the log should move its scores the
+    same way; when these rates do not move, no model can be asked to."""
+    n = len(table)
+    y, cat = table.label.astype(np.int64), table.category
+    start = np.r_[True, table.user[1:] != table.user[:-1]]
+    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))  # (E,) the user's first row
+    click_row = np.where(y == 1, np.arange(n), -1)
+    last_click = np.maximum.accumulate(click_row)  # the last click at or before each row ...
+    last_click = np.r_[-1, last_click[:-1]]  # ... strictly before it
+    last_click = np.where(last_click >= first, last_click, -1)  # and of the same user
+    lc_cat = np.where(last_click >= 0, cat[np.maximum(last_click, 0)], NO_CATEGORY)
+    counted = ((y == 0) & (cat == lc_cat) & (lc_cat != NO_CATEGORY)).astype(np.int64)
+    total = np.cumsum(counted)
+    since = np.where(last_click >= 0, total - counted - total[np.maximum(last_click, 0)], 0)  # rows in between
+    capped = np.minimum(since, k)
+    known = (lc_cat != NO_CATEGORY) & (cat != NO_CATEGORY)
+    rows = []
+    for j in range(k + 1):
+        same, other = known & (capped == j) & (cat == lc_cat), known & (capped == j) & (cat != lc_cat)
+        rows.append({"skips": j, "same_rate": float(y[same].mean()) if same.any() else None, "same_n": int(same.sum()),
+                     "other_rate": float(y[other].mean()) if other.any() else None, "other_n": int(other.sum())})
+    return {"k": k, "rows": rows}
+
+
+def format_world_response(world: dict[str, Any]) -> str:
+    lines = ["| skips of c since the last click (in c) | click rate of the next c exposure | n "
+             "| click rate of other exposures | n |", "|---|---|---|---|---|"]
+    for r in world["rows"]:
+        def rate(x: float | None) -> str:
+            return "—" if x is None else f"{x:.3f}"
+
+        lines.append(f"| {r['skips']}{'+' if r['skips'] == world['k'] else ''} | {rate(r['same_rate'])} "
+                     f"| {r['same_n']:,} | {rate(r['other_rate'])} | {r['other_n']:,} |")
+    return "\n".join(lines) + "\n"
+
+
 def _history_event(table: EventTable, row: int, *, user_id: str, run_id: str) -> dict[str, Any]:
     cat = int(table.category[row])
     return {"event_id": f"{run_id}-{int(table.source_row[row])}", "user_id": user_id,

@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from loadtest.bench.report import section_header
-from loadtest.skip_response import BAR_SHARE, CONDITIONS, SkipResponseConfig, bar_met, measure_in_process
+from loadtest.skip_response import (
+    BAR_SHARE,
+    CONDITIONS,
+    SkipResponseConfig,
+    bar_met,
+    format_world_response,
+    measure_in_process,
+    world_response,
+)
 
 # The world of issue 19's measurement: `polarity synth --users 3000 --items 8000 --events 600000 --seed 0`.
 WORLD = {"users": 3000, "items": 8000, "events": 600_000, "seed": 0}
@@ -63,7 +71,7 @@ def _bundle(root: Path, log: Path, shape: str, seed: int) -> tuple[Path, float]:
 
 def _pm(values: list[float], fmt: str) -> str:
     v = np.asarray(values, dtype=np.float64)
-    return f"{format(v.mean(), fmt)} ± {format(v.std(ddof=1) if len(v) > 1 else 0.0, fmt)}"
+    return f"{format(v.mean(), fmt)} ± {format(v.std(ddof=1) if len(v) > 1 else 0.0, fmt.lstrip('+'))}"
 
 
 def bench_skip_response() -> str:
@@ -87,10 +95,15 @@ def bench_skip_response() -> str:
                 bundle, auc = _bundle(root, log, shape, seed)
                 report = measure_in_process(table, bundle, cfg)
                 results.setdefault(shape, []).append({"seed": seed, "auc": auc, "report": report})
-    return _render(results, cfg=cfg, seeds=seeds)
+        world = world_response(table, k=cfg.k)
+    return _render(results, cfg=cfg, seeds=seeds, kept=keep) + (
+        "\nThe world itself, model-free (`loadtest.skip_response.world_response`): exposures of the category c of "
+        "the user's last click, by the skips of c since that click, next to the other exposures in the same "
+        "situation; what a model that learnt the log would do.\n\n" + format_world_response(world))
 
 
-def _render(results: dict[str, list[dict[str, Any]]], *, cfg: SkipResponseConfig, seeds: int) -> str:
+def _render(results: dict[str, list[dict[str, Any]]], *, cfg: SkipResponseConfig, seeds: int,
+            kept: str | None = None) -> str:
     world = " ".join(f"--{k} {v}" for k, v in WORLD.items())
     lines = [section_header("Skip response through the live service"),
              f"World: `polarity synth {world}` (S=1). OneTrans + TAPF (`--seq mix-tapf`), {seeds} training seed(s) "
@@ -100,7 +113,9 @@ def _render(results: dict[str, list[dict[str, Any]]], *, cfg: SkipResponseConfig
              f"click. diff = mean Δ of {cfg.candidates} unseen category-c candidates − mean Δ of {cfg.candidates} "
              "unseen other-category candidates (click probability). Bar: ≥ "
              f"{BAR_SHARE:.0%} of users with diff < 0 after skips (> 0 after clicks), mean on that side too. "
-             "Mean ± std over training seeds.\n",
+             "Mean ± std over training seeds."
+             + (f" Runs and bundles kept in `{kept}` (POLARITY_BENCH_SKIP_RESPONSE_DIR; a run already there was "
+                "measured, not trained again)." if kept else "") + "\n",
              "| model | test AUC | skips: users with diff < 0 | skips: mean diff | clicks: users with diff > 0 "
              "| clicks: mean diff | seeds meeting the bar |", "|---|---|---|---|---|---|---|"]
     for shape, rows in results.items():

@@ -146,3 +146,21 @@ def test_the_measurement_detects_a_planted_skip_response(planted_log: Path, plan
     assert bar_met(report) == (click["share_expected"] >= 0.8)
     assert report["model_version"] and set(report["diffs"]) == set(CONDITIONS)
     assert "| skips |" in format_report(report) and report["example"]["user"] in format_example(report)
+
+
+def test_world_response_counts_the_skips_of_the_last_click_category(tmp_path: Path) -> None:
+    # One user, rows 0-6: click a, skip a, skip b, skip a, skip a, click b, click b. Against the last click on a:
+    # row 1 (a, 0 skips of a since), row 2 (b, 1), row 3 (a, 1), row 4 (a, 2), row 5 (b, 3 -> capped 2); against
+    # the click on b (row 5): row 6 (b, 0).
+    cols = {"user_id": np.zeros(7, dtype=np.int64), "item_id": np.arange(7, dtype=np.int64),
+            "timestamp": np.arange(7, dtype=np.int64) + 1_700_000_000, "label": np.array([1, 0, 0, 0, 0, 1, 1]),
+            "event": np.array(["click", "skip", "skip", "skip", "skip", "click", "click"], dtype=object),
+            "category": np.array([0, 0, 1, 0, 0, 1, 1], dtype=np.int64)}
+    from loadtest.skip_response import world_response
+
+    rows = {r["skips"]: r for r in world_response(read_event_log(write_event_log(cols, tmp_path / "w.parquet")),
+                                                  k=2)["rows"]}
+    assert (rows[0]["same_n"], rows[1]["same_n"], rows[2]["same_n"]) == (2, 1, 1)  # rows 1+6, 3, 4
+    assert rows[0]["same_rate"] == 0.5 and rows[1]["same_rate"] == 0.0 and rows[2]["same_rate"] == 0.0
+    assert (rows[0]["other_n"], rows[1]["other_n"], rows[2]["other_n"]) == (0, 1, 1)  # -, row 2, row 5
+    assert rows[0]["other_rate"] is None and rows[1]["other_rate"] == 0.0 and rows[2]["other_rate"] == 1.0
