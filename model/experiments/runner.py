@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _RESUME_IGNORED = ("threads", "eval_batch_size")
 
+# `polarity experiment`'s serving-cost defaults (its --serving-candidates and --serving-threads).
+SERVING_DEFAULTS: dict[str, Any] = {"candidates": 500, "threads": 1}
+
 
 class ServingCost(Protocol):
     """Serving time of a run's exported bundle (ms per request): called with (run_dir, bundle_dir) once per run, all
@@ -67,13 +70,21 @@ def _record(run: Run, key: str, run_dir: Path, metrics: dict[str, Any], *, resum
     }
 
 def command_line(name: str, *, data: str, out: Path, seeds: int, archs: list[str],
-                 train_overrides: dict[str, Any], variants: tuple[str, ...] = RQ1_VARIANTS) -> str:
-    """The `polarity experiment` command that reproduces this experiment."""
+                 train_overrides: dict[str, Any], variants: tuple[str, ...] = RQ1_VARIANTS,
+                 serving: dict[str, Any] | None = SERVING_DEFAULTS) -> str:
+    """The `polarity experiment` command that reproduces this experiment (`serving`: the serving-cost
+    description, None when it was not measured)."""
     parts = ["polarity", "experiment", name, "--data", str(data), "--seeds", str(seeds), "--archs", ",".join(archs)]
     if tuple(variants) != RQ1_VARIANTS:
         parts += ["--variants", ",".join(variants)]
     if train_overrides:
         parts += ["--train-overrides", json.dumps(train_overrides, sort_keys=True)]
+    if serving is None:
+        parts += ["--no-serving-cost"]
+    else:
+        for key, flag in (("candidates", "--serving-candidates"), ("threads", "--serving-threads")):
+            if serving.get(key, SERVING_DEFAULTS[key]) != SERVING_DEFAULTS[key]:
+                parts += [flag, str(serving[key])]
     parts += ["--out", str(out)]
     return shlex.join(parts)
 
@@ -98,7 +109,8 @@ def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: li
     header = {
         "experiment": name,
         "command": command_line(name, data=data, out=out, seeds=seeds, archs=archs, train_overrides=train_overrides,
-                                variants=tuple(variants)),
+                                variants=tuple(variants),
+                                serving=None if serving_cost is None else serving_cost.description()),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{describe_machine()}, torch {torch.__version__}",
         "data": {"path": str(data), "events": len(table), "users": len(table.user_keys),

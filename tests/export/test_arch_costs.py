@@ -108,6 +108,7 @@ def test_every_experiment_row_has_its_serving_time_and_training_rate(costed_rq1:
 def test_each_experiment_writes_a_frontier_and_rq1_ends_with_the_cheapest_run(costed_rq1: Path) -> None:
     md = (costed_rq1 / "rq1.md").read_text()
     assert "### Cost beside quality (rq1)" in md and "![rq1 frontier](rq1_frontier.png)" in md
+    assert "--serving-candidates 50 --out" in md and "--no-serving-cost" not in md  # the command reproduces it
     assert (costed_rq1 / "rq1_frontier.png").stat().st_size > 1000
     frontier_rows = [line for line in md.splitlines() if line.startswith("| DIN ")]
     assert len(frontier_rows) == 2 and any(line.rstrip().endswith("| ✓ |") for line in frontier_rows)
