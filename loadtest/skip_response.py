@@ -76,6 +76,7 @@ class Probe:
     other_categories: list[str]  # their categories, in the same order
     posted: list[str]  # the k category-c items skipped (or clicked)
     last_time: float  # the user's last event in the log
+    prior_skips: int  # skips of category c in the history after the last click (c already fading when > 0)
     request_time: float
 
 
@@ -124,7 +125,8 @@ def plan_probes(table: EventTable, cfg: SkipResponseConfig) -> list[Probe]:
             other=[str(table.item_keys[i]) for i in other],
             other_categories=[str(table.category_keys[item_cat[i]]) for i in other],
             posted=[str(table.item_keys[i]) for i in same_and_posted[cfg.candidates:]],
-            last_time=last, request_time=last + cfg.gap_s))
+            last_time=last, request_time=last + cfg.gap_s,
+            prior_skips=int(((table.label[last_click + 1:hi] == 0) & (table.category[last_click + 1:hi] == c)).sum())))
         if len(probes) == cfg.users:
             break
     if not probes:
@@ -257,8 +259,10 @@ def measure_url(table: EventTable, url: str, cfg: SkipResponseConfig, *, api_key
                 post_events(posted_events(probe, condition, user_id=user_id, run_id=run_id, gap_s=cfg.gap_s))
                 after = score(user_id, probe)
                 same, other, diff = user_diff(before, after, len(probe.same))
-                for key, value in (("diff", diff), ("same", same), ("other", other)):
-                    per_condition[condition][key].append(value)
+                for key, value in (("diff", diff), ("same", same), ("other", other),
+                                   ("before_same", float(np.mean(before[:len(probe.same)]))),
+                                   ("before_other", float(np.mean(before[len(probe.same):])))):
+                    per_condition[condition].setdefault(key, []).append(value)
                 if n == 0:
                     example[condition] = {"before": before, "after": after}
     first = probes[0]
@@ -267,12 +271,31 @@ def measure_url(table: EventTable, url: str, cfg: SkipResponseConfig, *, api_key
         "model_version": model_version,
         "seconds": time.perf_counter() - t0,
         "conditions": {c: summarize_condition(v["diff"], v["same"], v["other"], c) for c, v in per_condition.items()},
+        # The same, split by how many skips of c the history already holds after the last click: a model that
+        # has already lowered a fading category has less left to lower (the log's own rates flatten too).
+        "by_prior_skips": {c: {group: summarize_condition([v["diff"][i] for i in idx], [v["same"][i] for i in idx],
+                                                          [v["other"][i] for i in idx], c)
+                               for group, idx in _prior_groups(probes).items() if idx}
+                           for c, v in per_condition.items()},
         "diffs": {c: v["diff"] for c, v in per_condition.items()},
+        # per user, in the order of `users`: mean score of each group before, and its mean Δ
+        "users": [p.user for p in probes],
+        "per_user": {c: {k: v[k] for k in ("before_same", "before_other", "same", "other")}
+                     for c, v in per_condition.items()},
         "example": {"user": first.user, "category": first.category, "posted": first.posted,
                     "request_time": first.request_time,
                     "items": first.same + first.other,
                     "categories": [first.category] * len(first.same) + first.other_categories, **example},
     }
+
+
+PRIOR_GROUPS = ("0-1", "2+")
+
+
+def _prior_groups(probes: list[Probe]) -> dict[str, list[int]]:
+    """Probe indices by the skips of c already in the history after the last click: 0-1, 2 or more."""
+    return {"0-1": [i for i, p in enumerate(probes) if p.prior_skips <= 1],
+            "2+": [i for i, p in enumerate(probes) if p.prior_skips >= 2]}
 
 
 def measure_in_process(table: EventTable, bundle: Path, cfg: SkipResponseConfig, *, redis_url: str | None = None,
@@ -324,6 +347,18 @@ def format_report(report: dict[str, Any], *, title: str | None = None) -> str:
         s = report["conditions"][c]
         lines.append(f"| {c}s | {s['mean_diff']:+.4f} ± {s['std_diff']:.4f} | {s['share_expected']:.0%} "
                      f"| {s['mean_delta_same']:+.4f} | {s['mean_delta_other']:+.4f} | {s['expected']} |")
+    split = report.get("by_prior_skips", {})
+    if split:
+        lines.append("\nBy the skips of c the history already holds after the last click (a category the model "
+                     "already scores down has less left to lose):\n")
+        lines += ["| after k recent … | history's skips of c since the last click | users | mean diff ± std "
+                  "| users on the expected side |", "|---|---|---|---|---|"]
+        for c in CONDITIONS:
+            for group in PRIOR_GROUPS:
+                if group in split[c]:
+                    s = split[c][group]
+                    lines.append(f"| {c}s | {group} | {s['users']} | {s['mean_diff']:+.4f} ± {s['std_diff']:.4f} "
+                                 f"| {s['share_expected']:.0%} |")
     verdict = "met" if bar_met(report) else "NOT met"
     lines.append(f"\nBar (≥ {BAR_SHARE:.0%} of users on the expected side and the mean there, both conditions): "
                  f"{verdict}.")

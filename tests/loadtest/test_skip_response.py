@@ -94,6 +94,9 @@ def test_the_plan_draws_users_candidates_and_posted_items_as_documented(planted_
         assert {item_cat[i] for i in p.same + p.posted} == {p.category}
         assert all(item_cat[i] == c != p.category for i, c in zip(p.other, p.other_categories, strict=True))
         assert p.request_time == p.last_time + cfg.gap_s == float(table.timestamp[rows[-1]]) + cfg.gap_s
+        after = rows[rows > last_click]
+        assert p.prior_skips == sum(int(table.label[r] == 0 and str(table.category_keys[table.category[r]]) ==
+                                        p.category) for r in after)
     assert [p.user for p in plan_probes(table, cfg)] == [p.user for p in probes]  # deterministic per seed
 
 
@@ -145,6 +148,9 @@ def test_the_measurement_detects_a_planted_skip_response(planted_log: Path, plan
     assert click["mean_diff"] > 0 and click["share_expected"] > 0.5
     assert bar_met(report) == (click["share_expected"] >= 0.8)
     assert report["model_version"] and set(report["diffs"]) == set(CONDITIONS)
+    split = report["by_prior_skips"]["skip"]
+    assert sum(g["users"] for g in split.values()) == 40
+    assert sum(g["mean_diff"] * g["users"] for g in split.values()) / 40 == pytest.approx(skip["mean_diff"])
     assert "| skips |" in format_report(report) and report["example"]["user"] in format_example(report)
 
 
