@@ -126,6 +126,20 @@ def _render(results: dict[str, list[dict[str, Any]]], *, cfg: SkipResponseConfig
                      f"| {_pm([s['share_expected'] * 100 for s in cond['click']], '.0f')} % "
                      f"| {_pm([s['mean_diff'] for s in cond['click']], '+.4f')} "
                      f"| {sum(bar_met(r['report']) for r in rows)} of {len(rows)} |")
+    lines += ["\nSplit by the skips of c the history already holds after the last click (0-1: c still fresh; 2+: c "
+              "already fading, which the model may already score down):\n",
+              "| model | skips, 0-1: users with diff < 0 | skips, 2+: users with diff < 0 | clicks, 0-1: users with "
+              "diff > 0 | clicks, 2+: users with diff > 0 | users 0-1 / 2+ |", "|---|---|---|---|---|---|"]
+    for shape, rows in results.items():
+        def share(c: str, group: str) -> str:
+            vals = [r["report"]["by_prior_skips"][c][group]["share_expected"] * 100 for r in rows
+                    if group in r["report"]["by_prior_skips"][c]]
+            return f"{_pm(vals, '.0f')} %" if vals else "—"
+
+        split = rows[0]["report"]["by_prior_skips"]["skip"]
+        lines.append(f"| {shape} | {share('skip', '0-1')} | {share('skip', '2+')} | {share('click', '0-1')} "
+                     f"| {share('click', '2+')} | {split.get('0-1', {}).get('users', 0)} / "
+                     f"{split.get('2+', {}).get('users', 0)} |")
     lines.append("\nPer seed (skips share / mean diff; clicks share / mean diff):")
     for shape, rows in results.items():
         per = "; ".join(
