@@ -102,6 +102,12 @@ def bench_skip_response() -> str:
         "situation; what a model that learnt the log would do.\n\n" + format_world_response(world))
 
 
+def _split_share(rows: list[dict[str, Any]], condition: str, group: str) -> str:
+    vals = [r["report"]["by_prior_skips"][condition][group]["share_expected"] * 100 for r in rows
+            if group in r["report"]["by_prior_skips"][condition]]
+    return f"{_pm(vals, '.0f')} %" if vals else "—"
+
+
 def _render(results: dict[str, list[dict[str, Any]]], *, cfg: SkipResponseConfig, seeds: int,
             kept: str | None = None) -> str:
     world = " ".join(f"--{k} {v}" for k, v in WORLD.items())
@@ -131,14 +137,10 @@ def _render(results: dict[str, list[dict[str, Any]]], *, cfg: SkipResponseConfig
               "| model | skips, 0-1: users with diff < 0 | skips, 2+: users with diff < 0 | clicks, 0-1: users with "
               "diff > 0 | clicks, 2+: users with diff > 0 | users 0-1 / 2+ |", "|---|---|---|---|---|---|"]
     for shape, rows in results.items():
-        def share(c: str, group: str) -> str:
-            vals = [r["report"]["by_prior_skips"][c][group]["share_expected"] * 100 for r in rows
-                    if group in r["report"]["by_prior_skips"][c]]
-            return f"{_pm(vals, '.0f')} %" if vals else "—"
-
         split = rows[0]["report"]["by_prior_skips"]["skip"]
-        lines.append(f"| {shape} | {share('skip', '0-1')} | {share('skip', '2+')} | {share('click', '0-1')} "
-                     f"| {share('click', '2+')} | {split.get('0-1', {}).get('users', 0)} / "
+        lines.append(f"| {shape} | {_split_share(rows, 'skip', '0-1')} | {_split_share(rows, 'skip', '2+')} "
+                     f"| {_split_share(rows, 'click', '0-1')} | {_split_share(rows, 'click', '2+')} "
+                     f"| {split.get('0-1', {}).get('users', 0)} / "
                      f"{split.get('2+', {}).get('users', 0)} |")
     lines.append("\nPer seed (skips share / mean diff; clicks share / mean diff):")
     for shape, rows in results.items():
