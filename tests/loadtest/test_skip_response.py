@@ -170,3 +170,15 @@ def test_world_response_counts_the_skips_of_the_last_click_category(tmp_path: Pa
     assert rows[0]["same_rate"] == 0.5 and rows[1]["same_rate"] == 0.0 and rows[2]["same_rate"] == 0.0
     assert (rows[0]["other_n"], rows[1]["other_n"], rows[2]["other_n"]) == (0, 1, 1)  # -, row 2, row 5
     assert rows[0]["other_rate"] is None and rows[1]["other_rate"] == 0.0 and rows[2]["other_rate"] == 1.0
+
+
+def test_the_command_refuses_to_overwrite_and_asks_for_a_service(planted_log: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from model.cli import main
+
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    assert main(["skip-response", "--data", str(planted_log), "--bundle", "b", "--out", str(existing)]) == 2
+    assert "pass --force" in capsys.readouterr().err and existing.read_text() == "{}"
+    assert main(["skip-response", "--data", str(planted_log)]) == 2
+    assert "give --bundle" in capsys.readouterr().err
