@@ -96,7 +96,9 @@ def bench_skip_response() -> str:
                 report = measure_in_process(table, bundle, cfg)
                 results.setdefault(shape, []).append({"seed": seed, "auc": auc, "report": report})
         world = world_response(table, k=cfg.k)
-    return _render(results, cfg=cfg, seeds=seeds, kept=keep) + (
+    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("POLARITY_BENCH_SKIP_RESPONSE_"))
+    return _render(results, cfg=cfg, seeds=seeds, kept=keep).replace(
+        "\nWorld:", f"- environment: `{env}`\n\nWorld:" if env else "\nWorld:", 1) + (
         "\nThe world itself, model-free (`loadtest.skip_response.world_response`): exposures of the category c of "
         "the user's last click, by the skips of c since that click, next to the other exposures in the same "
         "situation; what a model that learnt the log would do.\n\n" + format_world_response(world))
