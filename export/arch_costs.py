@@ -9,6 +9,9 @@ paths when the fused kernel is built), then one request (U=1 with a full history
 ONNX Runtime on the CPU: the minimum over 20 runs after 3 warm-ups, with the fused kernel when it is built
 (what `polarity serve` runs). Prints the markdown table and writes RQ1_DIR/arch_costs.json and
 RQ1_DIR/arch_costs.png (AUC against ms, frontier marked).
+
+`polarity experiment` itself now times every run's bundle after training (`BundleServingCost`) and writes the same
+columns and frontier into each experiment's table; this command stays for rq1 directories written before that.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import numpy as np
 
 from export.bundle import MODEL_FILE
 from export.custom_kernel import kernel_library_path
+from model.experiments.report import pareto_front
 
 SEQ_LABEL = {"pos": "Pos", "pos-tapf": "Pos + TAPF", "mix-pbe": "Mix + PBE", "mix-tapf": "Mix + TAPF"}
 MODEL_LABEL = {"din": "DIN", "transformer": "Transformer", "onetrans": "OneTrans", "hyformer": "HyFormer",
@@ -66,9 +71,33 @@ def bundle_request_ms(bundle: Path, *, n_candidates: int = 500, threads: int = 1
     return 1e3 * best
 
 
-def frontier(points: list[tuple[float, float]]) -> list[bool]:
-    """points (auc, ms) -> on the cost/quality frontier: no other point has AUC >= and ms <= with one strict."""
-    return [not any(a2 >= a and m2 <= m and (a2 > a or m2 < m) for a2, m2 in points) for a, m in points]
+# points (auc, ms) -> on the cost/quality frontier; the experiments' report owns the rule, this table uses it too.
+frontier = pareto_front
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleServingCost:
+    """What `polarity experiment` measures per run after training: one request's time on the run's bundle.
+
+    Called with (run_dir, bundle_dir): exports the run into bundle_dir (parity-checked when `check`) unless a bundle
+    newer than the run's metrics is already there, then `bundle_request_ms`."""
+
+    candidates: int = 500
+    threads: int = 1
+    reps: int = 20
+    check: bool = True
+
+    def description(self) -> dict[str, Any]:
+        return {"candidates": self.candidates, "threads": self.threads, "reps": self.reps,
+                "path": "fused TAPF kernel" if kernel_library_path() is not None else "ONNX function path"}
+
+    def __call__(self, run_dir: Path, bundle: Path) -> float:
+        from export.pipeline import export_bundle
+
+        manifest, metrics = bundle / "manifest.json", run_dir / "metrics.json"
+        if not manifest.is_file() or manifest.stat().st_mtime < metrics.stat().st_mtime:
+            export_bundle(run_dir, bundle, check=self.check, name=run_dir.name)
+        return bundle_request_ms(bundle, n_candidates=self.candidates, threads=self.threads, reps=self.reps)
 
 
 def measure(rq1_dir: Path, *, n_candidates: int, threads: int) -> list[dict[str, Any]]:

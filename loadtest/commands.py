@@ -1,9 +1,11 @@
-"""The `loadtest` package's subcommands: replay, loadtest, bench and demo (registered by `model.cli`)."""
+"""The `loadtest` package's subcommands: replay, loadtest, bench, demo, skip-response and served-log (registered
+by `model.cli`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -84,6 +86,38 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(out=Path(args.out), events=args.events, seed=args.seed)
 
 
+def _skip_response(args: argparse.Namespace) -> int:
+    from loadtest.skip_response import (
+        SkipResponseConfig,
+        bar_met,
+        format_example,
+        format_report,
+        measure_in_process,
+        measure_url,
+    )
+    from model.data.loaders import load_events
+
+    if args.out is not None and args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it or --out another file")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one log line per request would drown the table
+    table = load_events(args.data, source=args.source)
+    cfg = SkipResponseConfig(users=args.users, k=args.k, candidates=args.candidates, seed=args.seed,
+                             user_prefix=args.user_prefix or "")
+    if args.url is not None:
+        report = measure_url(table, args.url, cfg, api_key=args.api_key)
+    else:
+        if args.bundle is None:
+            raise ValueError("give --bundle (served in-process) or --url (a running service)")
+        report = measure_in_process(table, args.bundle, cfg, redis_url=args.redis_url)
+    print(format_report(report))
+    print(format_example(report))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"report written to {args.out}")
+    return 0 if bar_met(report) or not args.require_bar else 1
+
+
 def _served_log_export(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -110,7 +144,7 @@ def _served_log_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add replay, loadtest, bench and demo to `polarity`."""
+    """Add replay, loadtest, bench, demo, skip-response and served-log to `polarity`."""
     p = sub.add_parser("replay", help="replay a log through the service: online vs offline AUC (skew check)")
     p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
     p.add_argument("--source", default="auto", choices=SOURCES, help="how to read --data")
@@ -165,6 +199,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--events", type=int, default=300_000, help="impressions in the synthetic log")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(handler=_demo)
+
+    p = sub.add_parser("skip-response", help="does the served model answer k recent skips (and clicks) of a "
+                                             "category? measured through the live service")
+    p.add_argument("--data", required=True, help="event log with categories (the users, items and histories)")
+    p.add_argument("--source", default="auto", choices=SOURCES, help="how to read --data")
+    p.add_argument("--bundle", type=Path, default=None, help="serve this bundle in-process (real HTTP on loopback)")
+    p.add_argument("--redis-url", default=None,
+                   help="with --bundle: the Redis to use (under a fresh key prefix, deleted afterwards); default: a "
+                        "private redis-server")
+    p.add_argument("--url", default=None, help="measure a running service instead (its users get --user-prefix)")
+    p.add_argument("--api-key", default=None, help="X-API-Key for /v1/events when the service requires one")
+    p.add_argument("--users", type=int, default=100, help="users measured")
+    p.add_argument("--k", type=int, default=5, help="skips (or clicks) posted per user")
+    p.add_argument("--candidates", type=int, default=10, help="candidates of the category and of other categories")
+    p.add_argument("--seed", type=int, default=0, help="which users, candidates and posted items")
+    p.add_argument("--user-prefix", default=None, help="prepended to user ids sent (default: a fresh one)")
+    p.add_argument("--out", type=Path, default=None, help="JSON report")
+    p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
+    p.add_argument("--require-bar", action="store_true",
+                   help="exit 1 unless the bar is met (>= 80%% of users on the expected side in both conditions)")
+    p.set_defaults(handler=_skip_response)
 
     p = sub.add_parser("served-log", help="the served-feature log (POLARITY_SERVED_LOG_SHARE of /v1/score calls)")
     log_commands = p.add_subparsers(dest="served_log_command", required=True, metavar="ACTION")

@@ -2,8 +2,8 @@
 
 synth -> train (OneTrans, mixed-polarity sequence with TAPF) -> evaluate -> export (ONNX bundle,
 parity-checked) -> serve (`polarity serve` in a subprocess, torch-free, on a free loopback port) ->
-ingest (the log's events through `POST /v1/events`) -> score (a few requests, before and after some
-skips) -> where the metrics are.
+ingest (the log's events through `POST /v1/events`) -> score (skip response: 100 users' same-category
+candidates against others, before and after 5 skips, and 5 clicks) -> replay -> where the metrics are.
 
 Redis: POLARITY_REDIS_URL when it answers, else a private `redis-server` on a free port (the one on PATH,
 else the embedded one: `loadtest.harness.redis_server.find_redis`); the demo says which.
@@ -73,7 +73,7 @@ def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 100_
         print(f"[5/{STEPS}] serve: polarity serve on {base} (Redis {redis_url}: {redis_origin})")
         table = read_event_log(log_path)
         ingest_log(base, table, batch=ingest_batch, limit=ingest_limit)
-        score_examples(base, table)
+        skip_response_step(base, table, seed=seed, out=out)
         # [8/9] replay: the held-out part of the log through the live service (/v1/events + /v1/score with
         # request_time), against the trainer's offline evaluation of the same bundle (loadtest/replay.py).
         import uuid
@@ -210,49 +210,35 @@ def ingest_log(base: str, table: EventTable, *, batch: int, limit: int) -> None:
           f"({len(order) / elapsed:,.0f} events/s)")
 
 
-def score_examples(base: str, table: EventTable) -> None:
-    """Score one active user's candidates, then send skips on the top candidates' category and score again."""
+def skip_response_step(base: str, table: EventTable, *, seed: int, out: Path) -> None:
+    """The product's promise through the live service: 100 users' histories, then 5 skips (on a fresh state: 5
+    clicks) of unseen items of the category of each user's last click; same-category candidates against others
+    (`loadtest.skip_response`). Prints the table, one user's before/after rows and an explanation."""
     import httpx
 
-    counts = np.bincount(table.user)
-    # A user with a fair history, but below the store's cap so that the new skips show in the counts.
-    fair = np.flatnonzero((counts >= 30) & (counts <= 300))
-    user_code = int(fair[np.argmax(counts[fair])]) if fair.size else int(np.argmax(counts))
-    user = str(table.user_keys[user_code])
-    rows = np.flatnonzero(table.user == user_code)
-    now = float(table.timestamp[rows].max()) + 60.0  # just after the user's last event
-    # Candidates: the user's most clicked categories' items and a few others, plus an unseen item.
-    liked = rows[table.label[rows] == 1]
-    seen_items = [str(table.item_keys[i]) for i in dict.fromkeys(table.item[liked[::-1]].tolist())][:4]
-    others = [str(table.item_keys[i]) for i in range(0, len(table.item_keys), max(len(table.item_keys) // 3, 1))][:3]
-    candidates = [{"item_id": i} for i in [*seen_items, *others, "never-seen-item"]]
-    with httpx.Client(base_url=base, timeout=30) as client:
-        def score(explain: bool = False) -> dict[str, Any]:
-            r = client.post("/v1/score", json={"user_id": user, "candidates": candidates, "request_time": now,
-                                              "explain": explain})
-            r.raise_for_status()
-            out: dict[str, Any] = r.json()
-            return out
+    from loadtest.skip_response import SkipResponseConfig, format_example, format_report, measure_url
 
-        before = score(explain=True)
-        top = int(np.argmax(before["scores"]))
-        target = candidates[top]["item_id"]
-        skips = [{"event_id": f"demo-skip-{k}", "user_id": user, "item_id": target, "timestamp": now - 30 + k,
-                  "event": "skip"} for k in range(8)]
-        client.post("/v1/events", json={"events": skips}).raise_for_status()
-        after = score()
-    h0, h1 = before["history"], after["history"]
-    print(f"[7/{STEPS}] score: user {user} at t={now:.0f} (model {before['model_version']}); history "
-          f"{h0['positives']}+/{h0['negatives']}- -> after 8 skips of item {target}: "
-          f"{h1['positives']}+/{h1['negatives']}-")
-    print("    | item             | before | after  | change  |\n    |------------------|--------|--------|---------|")
-    for c, b, a in zip(candidates, before["scores"], after["scores"], strict=True):
-        print(f"    | {c['item_id']:16} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
-    ex = before["explanations"][top]
-    if ex["method"] == "attention" and ex["positive_share"] is not None:
-        print(f"    explain {target}: attention {ex['positive_share']:.0%} on positive, "
-              f"{ex['negative_share']:.0%} on negative history tokens")
-    elif ex.get("note"):
-        print(f"    explain {target}: {ex['note']}")
-    tokens = ", ".join(f"{t['item_id']}({t['polarity'][:3]})" for t in ex["top_history"])
-    print(f"    explain {target}: top history ({ex['method']}): {tokens}")
+    t0 = time.perf_counter()
+    cfg = SkipResponseConfig(users=100, k=5, seed=seed)
+    report = measure_url(table, base, cfg)
+    (out / "skip_response.json").write_text(json.dumps(report, indent=2))
+    print(f"[7/{STEPS}] score: skip response of {report['conditions']['skip']['users']} users, before and after "
+          f"{cfg.k} recent skips (or clicks) of their last click's category (model {report['model_version']}, "
+          f"{time.perf_counter() - t0:.1f}s) -> {out / 'skip_response.json'}")
+    print("\n".join("    " + line for line in format_report(report).splitlines()))
+    print("\n".join("    " + line for line in format_example(report, per_group=4).splitlines()))
+    ex = report["example"]
+    user_id = f"{report['config']['user_prefix']}skip/{ex['user']}"
+    body = {"user_id": user_id, "candidates": [{"item_id": ex["items"][0], "category": ex["category"]}],
+            "request_time": ex["request_time"], "explain": True}
+    r = httpx.post(f"{base}/v1/score", json=body, timeout=30)
+    r.raise_for_status()
+    explained = r.json()["explanations"][0]
+    item = ex["items"][0]
+    if explained["method"] == "attention" and explained["positive_share"] is not None:
+        print(f"    explain {item} after the skips: attention {explained['positive_share']:.0%} on positive, "
+              f"{explained['negative_share']:.0%} on negative history tokens")
+    elif explained.get("note"):
+        print(f"    explain {item}: {explained['note']}")
+    tokens = ", ".join(f"{t['item_id']}({t['polarity'][:3]})" for t in explained["top_history"])
+    print(f"    explain {item}: top history ({explained['method']}): {tokens}")

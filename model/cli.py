@@ -1,10 +1,10 @@
 """`polarity` — one command over every package.
 
-Each package owns its subcommands in its `commands.py` (`register(subparsers)`): `model` has synth, train,
-evaluate and experiment; `export` has export; `service` has serve and ingest; `loadtest` has replay,
-loadtest, bench and demo. This dispatcher finds them through the `polarity.commands` entry points in
-pyproject.toml, so it imports no package above `model`. Subcommands import their heavy dependencies when
-they run: `polarity serve` never loads torch or pyarrow.
+Each package owns its subcommands in its `commands.py` (`register(subparsers)`): `model` has synth, train and
+evaluate; `export` has export and experiment (which exports and times every run's bundle); `service` has serve
+and ingest; `loadtest` has replay, loadtest, bench, demo, skip-response and served-log. This dispatcher finds
+them through the `polarity.commands` entry points in pyproject.toml, so it imports no package above `model`.
+Subcommands import their heavy dependencies when they run: `polarity serve` never loads torch or pyarrow.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The `model` package's subcommands: synth, train, evaluate, experiment (registered by `model.cli`)."""
+"""The `model` package's subcommands: synth, train, evaluate (registered by `model.cli`; `experiment`, which also
+exports and times every run's bundle, is the export package's)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.config_flags import add_config_flags, config_from_flags, json_object
+from model.config_flags import add_config_flags, config_from_flags
 from model.data import SOURCES
-from model.models.config import ARCHS
 from model.training.config import TrainConfig
 
 
@@ -63,17 +63,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment(args: argparse.Namespace) -> int:
-    from model.experiments.runner import run_experiment
-
-    path = run_experiment(args.name, data=args.data, out=Path(args.out), seeds=args.seeds,
-                          archs=args.archs.split(","), train_overrides=args.train_overrides, jobs=args.jobs,
-                          variants=tuple(args.variants.split(",")))
-    print(path.read_text())
-    print(f"tables and plots in {args.out}")
-    return 0
-
-
 def _synth_default(name: str) -> Any:
     from model.data.synthetic import SyntheticWorldConfig
 
@@ -81,7 +70,7 @@ def _synth_default(name: str) -> Any:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add synth, train, evaluate and experiment to `polarity`."""
+    """Add synth, train and evaluate to `polarity`."""
     p = sub.add_parser("synth", help="write a synthetic event log where skips carry information")
     p.add_argument("--out", required=True, type=Path, help="output .csv or .parquet")
     p.add_argument("--users", type=int, default=_synth_default("users"), help="distinct users")
@@ -112,19 +101,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "RUN_DIR/evaluation-<log name>.json with --data)")
     p.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     p.set_defaults(handler=_evaluate)
-
-    p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation")
-    p.add_argument("name", choices=("rq1", "length", "ratio", "ablation"))
-    p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
-    p.add_argument("--archs", default="din,transformer,onetrans",
-                   help=f"comma-separated, of {', '.join(ARCHS)}, and dual_encoder (dual_stream with its contrastive "
-                        "term)")
-    p.add_argument("--variants", default="pos,pos-tapf,mix-pbe,mix-tapf",
-                   help="rq1: the sequence variants to train (each arch takes those it supports)")
-    p.add_argument("--train-overrides", type=json_object, default={}, metavar="JSON",
-                   help="TrainConfig fields for every run")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once in worker processes (give each a thread budget via --train-overrides)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(handler=_experiment)

@@ -29,6 +29,7 @@ BENCHES: dict[str, str] = {
     "placement": "loadtest.bench.placement:bench_placement",
     "tax": "loadtest.bench.tax:bench_tax",
     "capacity": "loadtest.bench.capacity:bench_capacity",
+    "skip-response": "loadtest.bench.skip_response:bench_skip_response",
 }
 
 

@@ -13,6 +13,15 @@ from model.experiments.plan import ABLATION_MODES, ABLATION_OPTIONS, ARCH_PRESET
 
 METRICS = ("auc", "gauc", "logloss")
 
+# Cost fields of a run record: serving time of one request (U=1, N candidates) on the run's exported bundle, ms
+# (None when not measured), and training samples/s.
+COSTS = ("serving_ms", "samples_per_s")
+
+# `polarity experiment rq1`'s closing sentence: the cheapest run within this much test AUC of the best.
+NEAR_BEST_AUC = 0.002
+
+COST_HEADER = "ms / request | train samples/s"
+
 SEQ_LABEL = {"pos": "Pos Seq", "pos-tapf": "Pos Seq + TAPF", "mix-pbe": "Mix Seq + PB", "mix-tapf": "Mix Seq + TAPF"}
 
 ARCH_TYPE = {"din": "Two-Stage", "transformer": "Two-Stage", "onetrans": "Unified Block", "hyformer": "Unified Block",
@@ -55,11 +64,27 @@ def _aggregate(records: Iterable[dict[str, Any]]) -> Groups:
     for key, rs in by.items():
         stats: dict[str, Any] = {"seeds": len(rs), "fields": rs[0]["fields"]}
         for m in METRICS:
-            vals = np.array([r["test"][m] for r in rs if r["test"][m] is not None], dtype=np.float64)
-            std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            stats[m] = (float(vals.mean()), std, len(vals)) if len(vals) else None
+            stats[m] = _stat([r["test"][m] for r in rs])
+        for c in COSTS:
+            stats[c] = _stat([r.get(c) for r in rs])
         out[key] = stats
     return out
+
+def _stat(values: list[float | None]) -> tuple[float, float, int] | None:
+    """(mean, sample std, n) of the values that are not None; None when none is."""
+    vals = np.array([v for v in values if v is not None], dtype=np.float64)
+    if not len(vals):
+        return None
+    return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0, len(vals)
+
+
+def _cost_cells(g: dict[str, Any]) -> str:
+    """The two cost cells of a row: serving ms per request and training samples/s (mean±std over seeds)."""
+    ms, sps = g.get("serving_ms"), g.get("samples_per_s")
+    ms_cell = "—" if ms is None else f"{ms[0]:.2f}±{ms[1]:.2f}"
+    sps_cell = "—" if sps is None else f"{sps[0]:,.0f}±{sps[1]:,.0f}"
+    return f"{ms_cell} | {sps_cell}"
+
 
 def _pm(stat: tuple[float, float, int] | None, digits: int = 4) -> str:
     return "—" if stat is None else f"{stat[0]:.{digits}f}±{stat[1]:.{digits}f}"
@@ -79,7 +104,9 @@ def _preamble(header: dict[str, Any], *, title: str, metrics: bool = True) -> st
         f"## {title}\n\n"
         f"- Command: `{header['command']}`\n"
         f"- Date: {header['date']}\n"
-        f"- Machine: {header['machine']}; torch threads per run: {threads}\n"
+        f"- Machine: {header['machine']}; torch threads per run: {threads}"
+        + (f"; {header['jobs']} run(s) trained at once (training samples/s are per run)" if metrics and
+           header.get("jobs", 1) > 1 else "") + "\n"
         f"- Data: `{d['path']}`: {d['events']:,} events, {d['users']:,} users, {d['items']:,} items, "
         f"{d['positive_rate']:.1%} positive\n"
         + (f"- Test-part metrics, mean±std (sample std) over {header['seeds']} seed(s) 0…{header['seeds'] - 1}\n"
@@ -111,8 +138,8 @@ def _render_rq1(groups: Groups, png: Path) -> str:
         "Δ: absolute AUC change vs Pos Seq of the same model. Imp.: plain relative AUC change, AUC/AUC_pos − 1 "
         "(the paper's Table 2 \"Imp.\"). RelaImpr: (AUC − 0.5)/(AUC_pos − 0.5) − 1 (improvement over random).\n",
         "| Type | Model | Sequence | AUC | Δ | Imp. (AUC/AUC_pos − 1) | RelaImpr ((AUC−0.5)/(AUC_pos−0.5) − 1) "
-        "| GAUC | logloss | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| GAUC | logloss | {COST_HEADER} | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     last_type = None
     for arch, setting in models:
@@ -131,7 +158,7 @@ def _render_rq1(groups: Groups, png: Path) -> str:
             typ = ARCH_TYPE.get(_model_key(arch, setting), arch)
             lines.append(f"| {typ if typ != last_type else ''} | {_model_label(arch, setting) if first else ''} "
                          f"| {SEQ_LABEL[v]} | {_pm(g['auc'])} | {delta} | {imp} | {rela} | {_pm(g['gauc'])} "
-                         f"| {_pm(g['logloss'])} | {g['seeds']} |")
+                         f"| {_pm(g['logloss'])} | {_cost_cells(g)} | {g['seeds']} |")
             last_type, first = typ, False
 
     plt = _plt()
@@ -201,7 +228,8 @@ def _render_ratio(groups: Groups, png: Path) -> str:
     keys = sorted({(a, s) for a, s, _ in groups})
     lines = ["r: share of the L slots given to positive tokens (r = 0: negatives only; r = 1: all-positive "
              "budget). **Bold**: best r by mean AUC.\n",
-             "| Model | Sequence | r | AUC | GAUC | logloss | seeds |", "|---|---|---|---|---|---|---|"]
+             f"| Model | Sequence | r | AUC | GAUC | logloss | {COST_HEADER} | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for arch, seq in keys:
@@ -213,7 +241,8 @@ def _render_ratio(groups: Groups, png: Path) -> str:
                 continue
             auc_cell = f"**{_pm(g['auc'])}**" if r == best else _pm(g["auc"])
             lines.append(f"| {ARCH_LABEL.get(arch, arch) if i == 0 else ''} | {SEQ_LABEL[seq] if i == 0 else ''} "
-                         f"| {r:.1f} | {auc_cell} | {_pm(g['gauc'])} | {_pm(g['logloss'])} | {g['seeds']} |")
+                         f"| {r:.1f} | {auc_cell} | {_pm(g['gauc'])} | {_pm(g['logloss'])} | {_cost_cells(g)} "
+                         f"| {g['seeds']} |")
         if present:
             xs = np.array(present)
             ys = np.array([groups[(arch, seq, f"r{r:.1f}")]["auc"][0] for r in present])
@@ -246,13 +275,14 @@ def _render_ablation(groups: Groups, png: Path) -> str:
     arch = next((a for a, _, _ in groups if a != "dual_stream"), "")
     lines = [f"Model: {ARCH_LABEL.get(arch, arch)} (Dual-stream: its own encoder per polarity). "
              "Δ: absolute test AUC change of the means.\n",
-             "| Configuration | Sequence mode | AUC | Δ vs Mixed | Δ vs Pos | GAUC | logloss | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| Configuration | Sequence mode | AUC | Δ vs Mixed | Δ vs Pos | GAUC | logloss | {COST_HEADER} "
+             "| seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k, mode, g in rows:
         a = _mean(g["auc"])
         lines.append(f"| {ABLATION_LABEL[k]} | {mode} | {_pm(g['auc'])} | {'—' if k == 'mix' else _signed(a - mixed)} "
                      f"| {'—' if k == 'pos' else _signed(a - pos)} | {_pm(g['gauc'])} | {_pm(g['logloss'])} "
-                     f"| {g['seeds']} |")
+                     f"| {_cost_cells(g)} | {g['seeds']} |")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
     ys = [_mean(g["auc"]) for _, _, g in rows]
@@ -324,16 +354,87 @@ def _save(fig: Any, png: Path) -> None:
     _plt().close(fig)
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """points (auc, ms) -> on the cost/quality frontier: no other point has AUC >= and ms <= with one strict."""
+    return [not any(a2 >= a and m2 <= m and (a2 > a or m2 < m) for a2, m2 in points) for a, m in points]
+
+
+def _group_label(arch: str, seq: str, setting: str) -> str:
+    own_setting = setting and _model_key(arch, setting) == arch  # a preset's setting is in its model label
+    return f"{_model_label(arch, setting)} {SEQ_LABEL.get(seq, seq)}" + (f" [{setting}]" if own_setting else "")
+
+
+def cheapest_near_best(groups: Groups, *, within: float = NEAR_BEST_AUC) -> str:
+    """One sentence: the cheapest run (by mean serving ms) whose mean test AUC is within `within` of the best."""
+    costed = {k: g for k, g in groups.items() if g["auc"] is not None and g.get("serving_ms") is not None}
+    if not costed:
+        return (f"No serving cost was measured, so the cheapest run within {within} AUC of the best cannot be "
+                "named.")
+    best = max(costed, key=lambda k: costed[k]["auc"][0])
+    near = min((k for k in costed if costed[k]["auc"][0] >= costed[best]["auc"][0] - within),
+               key=lambda k: (costed[k]["serving_ms"][0], -costed[k]["auc"][0]))
+    b, n = costed[best], costed[near]
+    if near == best:
+        return (f"The cheapest run within {within} AUC of the best is the best itself: {_group_label(*best)} "
+                f"(AUC {_pm(b['auc'])}, {b['serving_ms'][0]:.2f} ms per request).")
+    return (f"The cheapest run within {within} AUC of the best ({_group_label(*best)}, AUC {_pm(b['auc'])}, "
+            f"{b['serving_ms'][0]:.2f} ms per request) is {_group_label(*near)}: AUC {_pm(n['auc'])} at "
+            f"{n['serving_ms'][0]:.2f} ms per request ({b['serving_ms'][0] / n['serving_ms'][0]:.1f}× cheaper).")
+
+
+def _render_frontier(name: str, groups: Groups, png: Path, *, serving: dict[str, Any] | None) -> str:
+    """Every run group's AUC beside its costs, the cost/quality frontier, and its plot (AUC against serving ms)."""
+    keys = [k for k in groups if groups[k]["auc"] is not None]
+    costed = [k for k in keys if groups[k].get("serving_ms") is not None]
+    on = dict(zip(costed, pareto_front([(groups[k]["auc"][0], groups[k]["serving_ms"][0]) for k in costed]),
+                  strict=True))
+    how = ("not measured" if serving is None else
+           f"one request (U=1, a full history, N={serving['candidates']} candidates) on the run's exported bundle in "
+           f"ONNX Runtime on the CPU, {serving['threads']} intra-op thread(s), minimum of {serving['reps']} runs "
+           f"({serving['path']}), all runs timed in one pass after training on this machine")
+    lines = [f"### Cost beside quality ({name})\n",
+             f"ms / request: {how}. Train samples/s: training throughput of each run (sequence building included). "
+             "Mean±std over seeds. Frontier ✓: no other run group has a higher or equal mean AUC at a lower or equal "
+             "mean serving time.\n",
+             "| Run | AUC | ms / request | train samples/s | seeds | frontier |", "|---|---|---|---|---|---|"]
+    for k in sorted(keys, key=lambda k: -groups[k]["auc"][0]):
+        g = groups[k]
+        lines.append(f"| {_group_label(*k)} | {_pm(g['auc'])} | {_cost_cells(g)} | {g['seeds']} "
+                     f"| {'✓' if on.get(k) else ''} |")
+    if not costed:
+        return "\n".join(lines) + "\nNo serving cost measured: no frontier plot.\n"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k in costed:
+        g = groups[k]
+        ax.errorbar(g["serving_ms"][0], g["auc"][0], xerr=g["serving_ms"][1], yerr=g["auc"][1],
+                    fmt="o" if on[k] else "x", capsize=2, color="tab:red" if on[k] else "tab:gray")
+        ax.annotate(_group_label(*k), (g["serving_ms"][0], g["auc"][0]), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
+    front = sorted((groups[k]["serving_ms"][0], groups[k]["auc"][0]) for k in costed if on[k])
+    ax.plot([m for m, _ in front], [a for _, a in front], "-", color="tab:red", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("serving ms per request (log), mean ± std")
+    ax.set_ylabel("test AUC, mean ± std")
+    ax.set_title(f"{name}: cost/quality frontier (red: on the frontier)", fontsize=10)
+    _save(fig, png)
+    return "\n".join(lines) + f"\n\n![{name} frontier]({png.name})\n"
+
+
 def write_report(name: str, *, header: dict[str, Any], records: list[dict[str, Any]],
                  attention: list[dict[str, Any]], out: Path) -> Path:
-    """Write `OUT/<name>.md` (+ .png) and `OUT/<name>_attention.md` (+ .png); return the table's path."""
+    """Write `OUT/<name>.md` (+ .png and the frontier plot `<name>_frontier.png`) and `OUT/<name>_attention.md`
+    (+ .png); return the table's path. rq1's table ends with the sentence naming the cheapest run near the best."""
     groups = _aggregate(records)
     render = {"rq1": _render_rq1, "length": _render_length, "ratio": _render_ratio, "ablation": _render_ablation}[name]
     body = render(groups, out / f"{name}.png")
+    frontier = _render_frontier(name, groups, out / f"{name}_frontier.png", serving=header.get("serving"))
+    closing = f"\n{cheapest_near_best(groups)}\n" if name == "rq1" else ""
     md = out / f"{name}.md"
     md.write_text(_preamble(header, title=TITLES[name]) + body
-                  + f"\n![{name}]({name}.png)\n\nAttention share on positive vs negative tokens: "
-                  f"[{name}_attention.md]({name}_attention.md). Raw results: `{name}.json`.\n")
+                  + f"\n![{name}]({name}.png)\n\n" + frontier
+                  + f"\nAttention share on positive vs negative tokens: "
+                  f"[{name}_attention.md]({name}_attention.md). Raw results: `{name}.json`.\n" + closing)
     att_md = out / f"{name}_attention.md"
     att_md.write_text(_preamble(header, title=f"Attention share on positive vs negative tokens ({name})", metrics=False)
                       + _render_attention(attention, out / f"{name}_attention.png"))

@@ -8,7 +8,7 @@ import logging
 import shlex
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,6 +23,21 @@ from model.training.loop import train
 log = logging.getLogger(__name__)
 
 _RESUME_IGNORED = ("threads", "eval_batch_size")
+
+# `polarity experiment`'s serving-cost defaults (its --serving-candidates and --serving-threads).
+SERVING_DEFAULTS: dict[str, Any] = {"candidates": 500, "threads": 1}
+
+
+class ServingCost(Protocol):
+    """Serving time of a run's exported bundle (ms per request): called with (run_dir, bundle_dir) once per run, all
+    runs in one pass after training. The export package provides it (`export.arch_costs.BundleServingCost`); the
+    model package does not export."""
+
+    def description(self) -> dict[str, Any]:
+        """candidates, threads, reps and the ONNX path timed (for the table's preamble)."""
+        ...
+
+    def __call__(self, run_dir: Path, bundle: Path) -> float: ...
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -50,18 +65,26 @@ def _record(run: Run, key: str, run_dir: Path, metrics: dict[str, Any], *, resum
         "name": key, "arch": run.arch, "seq": run.seq, "setting": run.setting, "seed": run.seed,
         "fields": dict(run.fields), "run_dir": str(run_dir), "test": part("test"), "valid": part("valid"),
         "train_seconds": metrics["train"]["seconds"], "samples_per_s": metrics["train"]["samples_per_s"],
-        "threads": metrics["train"].get("threads"),
+        "threads": metrics["train"].get("threads"), "serving_ms": None,
         "data": metrics.get("data", {}), "resumed": resumed,
     }
 
 def command_line(name: str, *, data: str, out: Path, seeds: int, archs: list[str],
-                 train_overrides: dict[str, Any], variants: tuple[str, ...] = RQ1_VARIANTS) -> str:
-    """The `polarity experiment` command that reproduces this experiment."""
+                 train_overrides: dict[str, Any], variants: tuple[str, ...] = RQ1_VARIANTS,
+                 serving: dict[str, Any] | None = SERVING_DEFAULTS) -> str:
+    """The `polarity experiment` command that reproduces this experiment (`serving`: the serving-cost
+    description, None when it was not measured)."""
     parts = ["polarity", "experiment", name, "--data", str(data), "--seeds", str(seeds), "--archs", ",".join(archs)]
     if tuple(variants) != RQ1_VARIANTS:
         parts += ["--variants", ",".join(variants)]
     if train_overrides:
         parts += ["--train-overrides", json.dumps(train_overrides, sort_keys=True)]
+    if serving is None:
+        parts += ["--no-serving-cost"]
+    else:
+        for key, flag in (("candidates", "--serving-candidates"), ("threads", "--serving-threads")):
+            if serving.get(key, SERVING_DEFAULTS[key]) != SERVING_DEFAULTS[key]:
+                parts += [flag, str(serving[key])]
     parts += ["--out", str(out)]
     return shlex.join(parts)
 
@@ -70,11 +93,14 @@ def _train_run(cfg: dict[str, Any], run_dir: str) -> dict[str, Any]:
     return train(TrainConfig.from_dict(cfg), out=Path(run_dir), progress=False)
 
 def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: list[str],
-                   train_overrides: dict[str, Any], jobs: int = 1, variants: tuple[str, ...] = RQ1_VARIANTS) -> Path:
+                   train_overrides: dict[str, Any], jobs: int = 1, variants: tuple[str, ...] = RQ1_VARIANTS,
+                   serving_cost: ServingCost | None = None) -> Path:
     """Run (or resume) experiment `name`; write JSON, markdown tables and PNGs; return the table's path.
 
     `jobs` > 1 trains that many runs at once in worker processes (set `threads` in the overrides so
-    they do not oversubscribe the cores); results do not depend on it."""
+    they do not oversubscribe the cores); results do not depend on it (the training samples/s do).
+    `serving_cost`: after training, each run of this call is exported to `OUT/bundles/<run>` and timed, in one
+    pass (`ServingCost`); without it the serving-time column says "—"."""
     runs = plan(name, archs=archs, seeds=seeds, variants=tuple(variants))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +109,8 @@ def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: li
     header = {
         "experiment": name,
         "command": command_line(name, data=data, out=out, seeds=seeds, archs=archs, train_overrides=train_overrides,
-                                variants=tuple(variants)),
+                                variants=tuple(variants),
+                                serving=None if serving_cost is None else serving_cost.description()),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{describe_machine()}, torch {torch.__version__}",
         "data": {"path": str(data), "events": len(table), "users": len(table.user_keys),
@@ -137,6 +164,13 @@ def run_experiment(name: str, *, data: str, out: Path, seeds: int = 3, archs: li
         for r in current if r["seed"] == 0 and r["seq"].startswith("mix")
     ]
     header["threads"] = sorted({r["threads"] for r in current if r.get("threads") is not None})
+    header["jobs"] = jobs
+    if serving_cost is not None:
+        # One pass after all training, so every run is timed on the same, otherwise idle, machine.
+        header["serving"] = serving_cost.description()
+        for k, r in enumerate(current, 1):
+            log.info("[%d/%d] serving cost of %s", k, len(current), r["name"])
+            r["serving_ms"] = serving_cost(Path(r["run_dir"]), out / "bundles" / r["name"])
     _write_json(json_path, {**header, "runs": list(records.values()), "attention": attention})
 
     return write_report(name, header=header, records=current, attention=attention, out=out)

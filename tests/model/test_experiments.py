@@ -48,7 +48,11 @@ def rq1_out(log_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _table_rows(md: str) -> list[list[str]]:
-    rows = [line for line in md.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    """The rows (header first) of the first markdown table of `md` (the cost/frontier table follows it)."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [line for line in lines[start:end] if not line.startswith("|---")]
     return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
 
 
