@@ -39,8 +39,10 @@ kernel:
 	@$(MAKE) -s -C export/kernels >/dev/null 2>&1 && echo "fused TAPF kernel: export/kernels/build/libtapf_ort.so" \
 	  || echo "fused TAPF kernel not built (make -C export/kernels says why); using the ONNX function fallback"
 
+# Re-running `make demo` replaces the previous demo's files in DEMO_DIR (recognised by its demo_metrics.json);
+# any other non-empty DEMO_DIR is refused by `polarity demo` unless you run it yourself with --force.
 demo: setup
-	$(BIN)/polarity demo --out $(DEMO_DIR)
+	$(BIN)/polarity demo --out $(DEMO_DIR) $(if $(wildcard $(DEMO_DIR)/demo_metrics.json),--force,)
 
 test: setup
 	bash tests/run_tests.sh

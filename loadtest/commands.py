@@ -83,7 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from loadtest.demo import run_demo
 
-    return run_demo(out=Path(args.out), events=args.events, seed=args.seed)
+    return run_demo(out=Path(args.out), events=args.events, seed=args.seed, force=args.force)
 
 
 def _skip_response(args: argparse.Namespace) -> int:
@@ -196,6 +196,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("demo", help="the main job end to end on synthetic data")
     p.add_argument("--out", default="runs/demo", help="folder for the log, run, bundle and reports")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out (replaces the demo's own files there, deletes nothing else)")
     p.add_argument("--events", type=int, default=300_000, help="impressions in the synthetic log")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.set_defaults(handler=_demo)

@@ -37,9 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 9
 
 
+class DemoOutputNotEmpty(ValueError):
+    """--out holds files and --force was not given: the demo would overwrite them."""
+
+
 def run_demo(*, out: Path, events: int, seed: int, max_train_samples: int = 100_000,
-             serve: bool = True, ingest_batch: int = 1000, ingest_limit: int = 60_000) -> int:
-    """ingest_limit: post only the most recent events of the log (the ones the scored requests see)."""
+             serve: bool = True, ingest_batch: int = 1000, ingest_limit: int = 60_000, force: bool = False) -> int:
+    """ingest_limit: post only the most recent events of the log (the ones the scored requests see).
+
+    A non-empty `out` is refused unless `force`: the demo writes events.parquet, run/, bundle/ and its reports
+    there, over whatever has those names (it deletes nothing else)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise DemoOutputNotEmpty(f"{out} is not an empty folder; pass --force to write the demo's files into it "
+                                 "(events.parquet, run/, bundle/, the reports are replaced), or --out another folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log_path = write_event_log(generate(SyntheticWorldConfig(users=max(events // 100, 100), items=5_000,
