@@ -192,9 +192,9 @@ def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start_epoch, step = int(ckpt["progress"]["epoch"]), int(ckpt["progress"]["step"])
-        stopped_early = bool(ckpt["progress"].get("stopped_early", 0))
         if ckpt.get("selection") is not None:
             tracker = BestTracker.from_state(ckpt["selection"], patience=cfg.patience)
+            stopped_early = bool(ckpt["selection"].get("stopped_early", False))
         log.info("resuming %s after epoch %d (step %d)", out, start_epoch, step)
     model.to(ctx.device)
     net: nn.Module = model
@@ -254,9 +254,8 @@ def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None
         epochs_done = epoch + 1
         if out is not None and ctx.is_main:
             save_checkpoint(Path(out), model=model, cfg=cfg, spec=data.spec, vocab=data.vocab, metrics={},
-                            optimizer=opt, selection=tracker.state(),
-                            progress={"epoch": epochs_done, "step": counts["step"],
-                                      "stopped_early": int(stopped_early)})
+                            optimizer=opt, selection={**tracker.state(), "stopped_early": stopped_early},
+                            progress={"epoch": epochs_done, "step": counts["step"]})
     bar.close()
     step, seen, positives = counts["step"], counts["seen"], counts["positives"]
     train_s = time.perf_counter() - t_train - valid_s
@@ -293,9 +292,8 @@ def train(cfg: TrainConfig, *, out: Path | None, table: EventTable | None = None
         if out is not None:
             out = Path(out)
             save_checkpoint(out, model=model, cfg=cfg, spec=data.spec, vocab=data.vocab, metrics=metrics,
-                            optimizer=opt, selection=tracker.state(),
-                            progress={"epoch": epochs_done, "step": step,
-                                      "stopped_early": int(stopped_early)})
+                            optimizer=opt, selection={**tracker.state(), "stopped_early": stopped_early},
+                            progress={"epoch": epochs_done, "step": step})
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             if tracker.curve:
                 write_training_curve(tracker.curve, out / "training_curve.png",
