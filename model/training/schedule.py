@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch-free at import: TrainConfig (and so `polarity --help`) reads LR_SCHEDULES from here
+    import torch
+    from torch import nn
 
 LR_SCHEDULES = ("cosine", "constant")
 
