@@ -182,8 +182,8 @@ def render(root: Path, *, epochs: int) -> str:
                   f"impressions; {any_run['train']['steps_per_epoch']} optimiser steps per epoch. Test AUC of the "
                   "checkpoint each run keeps (best validation AUC), mean ± sample std over seeds 0, 1, 2.", ""]
     for world, title in (("s1", "S=1 (skips carry information)"), ("s0", "S=0 (skips carry none)")):
-        lines += [f"**{title}**", "", "| variant | test AUC | vs pos (same arch) | test GAUC | kept step / steps "
-                  "| train samples/s |", "|---|---|---|---|---|---|"]
+        lines += [f"**{title}**", "", "| variant | test AUC | per seed | vs pos (same arch) | test GAUC "
+                  "| kept step / steps | train samples/s |", "|---|---|---|---|---|---|---|"]
         for name, runs in found[world].items():
             stat = aucs[world][name]
             base = aucs[world].get(f"{name.split('-')[0]}-pos")
@@ -192,7 +192,8 @@ def render(root: Path, *, epochs: int) -> str:
             gauc = _stat([r["test"]["gauc"] for r in runs if r["test"]["gauc"] is not None]) if runs else None
             kept = ", ".join(f"{r['selection']['best_step']}/{r['train']['steps']}" for r in runs) or "—"
             speed = f"{statistics.fmean(r['train']['samples_per_s'] for r in runs):,.0f}" if runs else "—"
-            lines.append(f"| {name} | {_pm(stat)} | {lift} | {_pm(gauc)} | {kept} | {speed} |")
+            seeds = ", ".join(f"{r['test']['auc']:.4f}" for r in runs) or "—"
+            lines.append(f"| {name} | {_pm(stat)} | {seeds} | {lift} | {_pm(gauc)} | {kept} | {speed} |")
         lines.append("")
     lines += ["| target | measured (means) | status |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {s} |" for t, m, s in _targets(aucs)]
