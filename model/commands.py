@@ -14,20 +14,22 @@ from model.config_flags import add_config_flags, config_from_flags
 from model.data import SOURCES
 from model.training.config import TrainConfig
 
+_SYNTH_FLAGS = ("users", "items", "events", "categories", "positive_rate", "mean_stretch", "skip_signal", "seed")
+
 
 def _synth(args: argparse.Namespace) -> int:
     from model.data.events import write_event_log
-    from model.data.synthetic import SyntheticWorldConfig, generate
+    from model.data.synthetic import SyntheticWorldConfig, generate, preset_config
 
-    cfg = SyntheticWorldConfig(users=args.users, items=args.items, events=args.events, seed=args.seed,
-                               positive_rate=args.positive_rate, categories=args.categories,
-                               mean_stretch=args.mean_stretch)
+    given = {name: getattr(args, name) for name in _SYNTH_FLAGS if getattr(args, name) is not None}
+    cfg = preset_config(args.preset, **given) if args.preset else SyntheticWorldConfig.from_dict(given)
     t0 = time.perf_counter()
     columns = generate(cfg)
     path = write_event_log(columns, args.out)
     elapsed = time.perf_counter() - t0
     rate = float(columns["label"].mean())
-    print(f"wrote {len(columns['label']):,} events ({rate:.1%} positive) to {path} in {elapsed:.1f}s")
+    print(f"wrote {len(columns['label']):,} events ({rate:.1%} positive; {cfg.users:,} users, {cfg.items:,} items, "
+          f"skip signal {cfg.skip_signal:g}) to {path} in {elapsed:.1f}s")
     return 0
 
 
@@ -71,17 +73,31 @@ def _synth_default(name: str) -> Any:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add synth, train and evaluate to `polarity`."""
-    p = sub.add_parser("synth", help="write a synthetic event log where skips carry information")
+    from model.data.synthetic import PRESETS
+
+    p = sub.add_parser("synth", help="write a synthetic event log where skips carry information",
+                       description="Write a synthetic event log (the generative story: model/data/synthetic.py). "
+                                   "Flags left out take the preset's value, else the default shown.")
     p.add_argument("--out", required=True, type=Path, help="output .csv or .parquet")
-    p.add_argument("--users", type=int, default=_synth_default("users"), help="distinct users")
-    p.add_argument("--items", type=int, default=_synth_default("items"), help="distinct items")
-    p.add_argument("--events", type=int, default=_synth_default("events"), help="impressions in the log")
-    p.add_argument("--categories", type=int, default=_synth_default("categories"), help="item categories")
-    p.add_argument("--positive-rate", type=float, default=_synth_default("positive_rate"),
-                   help="share of impressions that are clicks")
-    p.add_argument("--mean-stretch", type=float, default=_synth_default("mean_stretch"),
-                   help="mean exposures an interest stays active (shorter: positives go stale sooner)")
-    p.add_argument("--seed", type=int, default=_synth_default("seed"), help="random seed")
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="a named world: kuairec-like follows the paper's KuaiRec statistics (7.4%% positives, "
+                        "~1,740 impressions per user, L=100 filled); with --users alone it keeps the events per user")
+    p.add_argument("--users", type=int, default=None, help=f"distinct users (default: {_synth_default('users')})")
+    p.add_argument("--items", type=int, default=None, help=f"distinct items (default: {_synth_default('items')})")
+    p.add_argument("--events", type=int, default=None,
+                   help=f"impressions in the log (default: {_synth_default('events')})")
+    p.add_argument("--categories", type=int, default=None,
+                   help=f"item categories (default: {_synth_default('categories')})")
+    p.add_argument("--positive-rate", type=float, default=None,
+                   help=f"share of impressions that are clicks (default: {_synth_default('positive_rate')})")
+    p.add_argument("--mean-stretch", type=float, default=None,
+                   help="mean exposures an interest stays active (shorter: positives go stale sooner; default: "
+                        f"{_synth_default('mean_stretch')})")
+    p.add_argument("--skip-signal", type=float, default=None,
+                   help="S: how much skips say. 0 = skipped items are random exposures, independent of the user's "
+                        "preference; 1 = the default world; > 1 = interests switch S times as often, so recent skips "
+                        f"say more (default: {_synth_default('skip_signal')})")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed (default: {_synth_default('seed')})")
     p.set_defaults(handler=_synth)
 
     p = sub.add_parser("train", help="train a CTR model on an event log")

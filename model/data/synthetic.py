@@ -1,14 +1,35 @@
-"""A synthetic world where skips carry information.
+"""A synthetic world where skips carry information, as much as the `skip_signal` knob says.
 
-Items have a category, a latent vector and a quality. Every user has a few sub-interests, each
-tied to a category; one interest is *active* for a stretch of exposures, then the user switches.
-Exposures are drawn from all of the user's interests (active or not), from popular items and at
-random. The click probability depends on the item's affinity to the *active* interest, its
-quality and fatigue (the same item shown again, a stretch wearing on); every other exposure is a
-skip. So the recent skips say which interests are inactive *now* — something the positive
-history, which still shows the old interest until the first click of the new one, cannot say.
+The generative story, per event (all of it vectorised; one seed fixes every draw):
 
-Fully vectorised and deterministic per seed.
+1. Items have a category, a latent vector near their category's centroid, a quality and a popularity.
+2. Every user has an activity level (how many of the events are theirs, log-normal with spread
+   `activity_sigma`) and `interests_per_user` sub-interests, each tied to a distinct category.
+3. One interest is *active* for a geometric stretch of exposures (mean `mean_stretch`), then the user
+   switches to another.
+4. Each exposure comes from the active interest's category (`active_share`), another of the user's
+   interests (`interest_share`), the popular items (`popular_share`) or the whole catalogue.
+5. The click probability is sigmoid(affinity to the *active* interest, quality, minus fatigue (the same
+   item again, a stretch wearing on), plus a bias calibrated to `positive_rate`); every other exposure is
+   a skip (a few of them explicit dislikes; a few clicks are likes).
+
+So at S = 1 the recent skips say which interests are inactive *now*, something the positive history, which
+still shows the old interest until the first click of the new one, cannot say.
+
+The skip-signal knob S (`skip_signal`) changes only what the skips say, never the clicks:
+
+- S in [0, 1): each skip keeps its item with probability S; otherwise the skipped item is replaced by a
+  random exposure (a popular or a uniform item, independent of the user), so at S = 0 skips are random
+  exposures skipped at the base rate: the skip history carries no information about the user's preference
+  beyond what the positives carry;
+- S = 1: the world above;
+- S > 1: the active interest switches S times as often (mean stretch `mean_stretch / S`): the positive
+  history goes stale sooner and the recent skips of the newly inactive interests say more.
+
+`PRESETS["kuairec-like"]` follows the statistics of the paper's KuaiRec (Table 1): 7,176 users, 10,728
+items, a 7.4% positive rate and about 1,740 impressions per user (KuaiRec: 12.5M interactions), with a
+narrow activity spread so that nearly every user has the 50 positives and 50 skips of a mixed L=100 sequence
+(r = 0.5) and the median user over 100 positives.
 """
 
 from __future__ import annotations
@@ -40,6 +61,8 @@ class SyntheticWorldConfig:
     fatigue_weight: float = 1.5
     item_spread: float = 0.15  # per-dimension noise of an item's latent vector around its category
     interest_spread: float = 0.10  # per-dimension noise of a sub-interest around its category
+    activity_sigma: float = 0.8  # log-normal spread of events per user
+    skip_signal: float = 1.0  # S: 0 = skips independent of preference, 1 = the world above, > 1 skips say more
     days: float = 60.0
     start_time: int = 1_700_000_000
     seed: int = 0
@@ -54,11 +77,34 @@ class SyntheticWorldConfig:
             raise ValueError("positive_rate must be in (0, 1)")
         if self.active_share + self.interest_share + self.popular_share > 1.0 + 1e-9:
             raise ValueError("active_share + interest_share + popular_share must be <= 1")
+        if self.skip_signal < 0:
+            raise ValueError(f"skip_signal must be >= 0, got {self.skip_signal}")
+        if self.activity_sigma < 0 or not self.mean_stretch > 0:
+            raise ValueError("activity_sigma must be >= 0 and mean_stretch > 0")
 
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> SyntheticWorldConfig:
         cfg: SyntheticWorldConfig = from_dict_strict(cls, data)
         return cfg
+
+
+# Named worlds: SyntheticWorldConfig fields that `polarity synth --preset NAME` starts from (flags override them).
+KUAIREC_EVENTS_PER_USER = 1_742  # KuaiRec: 12.5M interactions over 7,176 users
+PRESETS: dict[str, dict[str, float | int]] = {
+    "kuairec-like": {"users": 7_176, "items": 10_728, "events": 7_176 * KUAIREC_EVENTS_PER_USER,
+                     "positive_rate": 0.074, "activity_sigma": 0.3},
+}
+
+
+def preset_config(name: str, **overrides: object) -> SyntheticWorldConfig:
+    """A preset world with some fields overridden; `users` alone keeps the preset's events per user."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    values: dict[str, object] = dict(PRESETS[name])
+    if "users" in overrides and "events" not in overrides:
+        per_user = int(values["events"]) // int(values["users"])  # type: ignore[call-overload]
+        values["events"] = per_user * int(overrides["users"])  # type: ignore[call-overload]
+    return SyntheticWorldConfig.from_dict({**values, **overrides})
 
 
 def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
@@ -79,7 +125,7 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     np.cumsum(np.bincount(item_cat, minlength=C), out=cat_ptr[1:])
 
     # Users: activity (events per user) and M distinct interest categories each.
-    activity = rng.lognormal(0.0, 0.8, size=U)
+    activity = rng.lognormal(0.0, cfg.activity_sigma, size=U)
     counts = rng.multinomial(E, activity / activity.sum())
     interest_cat = np.argsort(rng.random((U, C)), axis=1)[:, :M]  # (U, M) distinct categories
     noise = rng.standard_normal((U, M, k)).astype(np.float32)
@@ -96,7 +142,8 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     timestamp = cfg.start_time + np.floor(offset[order]).astype(np.int64)
 
     # The active interest switches after geometric stretches; never to the same interest.
-    switch = (rng.random(E) < 1.0 / cfg.mean_stretch) & (pos_in_user > 0)
+    mean_stretch = cfg.mean_stretch / max(cfg.skip_signal, 1.0)  # S > 1: interests go stale sooner
+    switch = (rng.random(E) < 1.0 / mean_stretch) & (pos_in_user > 0)
     step = np.where(switch, rng.integers(1, max(M, 2), size=E), 0)
     active = (rng.integers(0, M, size=U)[user] + _cumsum_within(step, user, first)) % M
     stretch_id = _cumsum_within(switch.astype(np.int64), user, first)
@@ -119,7 +166,7 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
 
     # Fatigue: how often this user saw this item before, and how long the stretch has lasted.
     repeat = _rank_within_groups(user, item, pos_in_user)
-    fatigue = np.log1p(repeat) + pos_in_stretch / (2.0 * cfg.mean_stretch)
+    fatigue = np.log1p(repeat) + pos_in_stretch / (2.0 * mean_stretch)
 
     # Affinity to the active interest (chunked to bound memory at 10M+ events).
     affinity = np.empty(E, dtype=np.float32)
@@ -134,6 +181,15 @@ def generate(cfg: SyntheticWorldConfig) -> dict[str, np.ndarray]:
     # Typed behaviours: some clicks are likes, a few skips are explicit dislikes.
     kind = rng.random(E)
     event = np.where(label == 1, np.where(kind < 0.15, "like", "click"), np.where(kind < 0.03, "dislike", "skip"))
+
+    if cfg.skip_signal < 1.0:
+        # S < 1: a share 1 - S of the skips show a random exposure instead (drawn last, so the clicks and
+        # every draw before are the same world whatever S is, and S = 1 draws nothing more).
+        random_item = np.where(rng.random(E) < cfg.popular_share / max(1.0 - cfg.active_share - cfg.interest_share,
+                                                                       1e-9),
+                               np.minimum(np.searchsorted(pop_cdf, rng.random(E)), I - 1), rng.integers(0, I, size=E))
+        replace = (label == 0) & (rng.random(E) >= cfg.skip_signal)
+        item = np.where(replace, random_item, item)
     return {
         "user_id": user.astype(np.int64),
         "item_id": item.astype(np.int64),

@@ -156,6 +156,7 @@ class ModelConfig:
     # HNT-style weak signals (`model.modules.weak_signals`): hesitation token type + negative-transfer gate.
     weak_signals: bool = False
     head_hidden: tuple[int, ...] = (128, 64)
+    dropout: float = 0.0  # in the prediction head's hidden layers (training only; export runs in eval mode)
     options: ArchOptions | None = None  # the arch's own options; None = its defaults
 
     def __post_init__(self) -> None:
@@ -170,6 +171,8 @@ class ModelConfig:
             raise SpecError(f"seq_variant must be one of {SEQ_VARIANTS}, got {self.seq_variant!r}")
         if self.tapf_placement not in TAPF_PLACEMENTS:
             raise SpecError(f"tapf_placement must be one of {TAPF_PLACEMENTS}, got {self.tapf_placement!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpecError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads:
             raise SpecError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.arch == "dual_stream" and self.uses_tapf:

@@ -28,7 +28,7 @@ class DIN(SequenceCTRModel):
         d = config.d_model
         hidden = config.arch_options(TargetAttentionOptions).attention_hidden
         self.target_attention = TargetAttention(d_model=d, hidden=hidden)
-        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
+        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
               cand_user: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -36,7 +36,7 @@ class DualStream(SequenceCTRModel):
         self.attentions = torch.nn.ModuleList(
             TargetAttention(d_model=d, hidden=hidden) for _ in range(2)
         )
-        self.head = MLP(d_in=4 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
+        self.head = MLP(d_in=4 * d + spec.n_stats, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     def streams(self, tokens: Tensor, polarity: Tensor, mask: Tensor, cand: Tensor, cand_user: Tensor | None
                 ) -> tuple[list[Tensor], list[Tensor]]:

@@ -99,7 +99,7 @@ class OneTrans(SequenceCTRModel):
         self.ns_norm = RMSNorm(d)
         self.agg_query = nn.Linear(d, d, bias=False)
         self.agg_out = nn.Linear(d, d, bias=False)
-        self.head = MLP(d_in=t * d, hidden=config.head_hidden, d_out=1)
+        self.head = MLP(d_in=t * d, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     # ------------------------------------------------------------------------------------------- stages
     # `run_stages` holds the control flow; a serving rewrite (`export.serving.onetrans.ServingOneTrans`) supplies

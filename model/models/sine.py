@@ -62,7 +62,7 @@ class SINE(SequenceCTRModel):
         )
         self.final_norm = RMSNorm(d)
         self.fusion = AdaptiveFusion(d_model=d)
-        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
+        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     def encode(self, tokens: Tensor, polarity: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """tokens (U, L, d) -> states (U, L, d) (state k has read tokens <= k), last block's weights (U, H, L, L)."""

@@ -41,7 +41,7 @@ class TransformerCTR(SequenceCTRModel):
         self.target_attention = TargetAttention(d_model=d, hidden=hidden)
         # The gate's candidate on the scale of the RMS-normalised encoded tokens (encoded placement only).
         self.cand_norm = RMSNorm(d) if self.gate is not None and config.tapf_placement == "encoded" else None
-        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1)
+        self.head = MLP(d_in=3 * d + spec.n_stats, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     def score(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
               cand_user: Tensor | None) -> tuple[Tensor, Tensor]:

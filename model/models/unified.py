@@ -46,7 +46,7 @@ class QueryTokenCTR(SequenceCTRModel):
         self.seq_norm = RMSNorm(d)
         self.pool = QueryPooling(d_model=d)
         self.out_norm = RMSNorm(d)
-        self.head = MLP(d_in=n_tokens * d, hidden=config.head_hidden, d_out=1)
+        self.head = MLP(d_in=n_tokens * d, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     def encode(self, tokens: Tensor, mask: Tensor, stats: Tensor, cand: Tensor, cand_user: Tensor | None
                ) -> tuple[Tensor, Tensor]:

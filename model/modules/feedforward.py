@@ -7,12 +7,15 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Sequential):
-    """Linear -> activation stack; the last layer has no activation."""
+    """Linear -> activation (-> dropout) stack; the last layer has no activation. With dropout = 0 no
+    Dropout layer is added, so the parameter names stay those of checkpoints written before it existed."""
 
-    def __init__(self, *, d_in: int, hidden: tuple[int, ...], d_out: int) -> None:
+    def __init__(self, *, d_in: int, hidden: tuple[int, ...], d_out: int, dropout: float = 0.0) -> None:
         layers: list[nn.Module] = []
         for width in hidden:
             layers += [nn.Linear(d_in, width), nn.SiLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
             d_in = width
         layers.append(nn.Linear(d_in, d_out))
         super().__init__(*layers)

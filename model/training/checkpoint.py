@@ -44,16 +44,18 @@ def _read(path: Path) -> dict[str, Any]:
 
 def save_checkpoint(path: Path, *, model: nn.Module, cfg: TrainConfig, spec: FeatureSpec, vocab: Vocabulary,
                     metrics: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                    progress: dict[str, int] | None = None) -> None:
-    """Write the run directory; with `optimizer` and `progress` ({"epoch": epochs done, "step"}) the
-    checkpoint also resumes training (`train(..., resume=True)`). Written to a temporary file and
-    renamed, so a crash mid-save leaves the previous checkpoint intact."""
+                    progress: dict[str, int] | None = None, selection: dict[str, Any] | None = None) -> None:
+    """Write the run directory; with `optimizer` and `progress` ({"epoch": epochs done, "step"})
+    the checkpoint also resumes training (`train(..., resume=True)`); `selection` (`BestTracker.state()`: the
+    best weights so far, the patience counter, the curve, whether it stopped early)
+    lets a resumed run keep selecting the same way.
+    Written to a temporary file and renamed, so a crash mid-save leaves the previous checkpoint intact."""
     path.mkdir(parents=True, exist_ok=True)
     vocab.save(path / "vocab")
     resume_fields: dict[str, Any] = {}
     if optimizer is not None and progress is not None:
         resume_fields = {"optimizer": optimizer.state_dict(), "progress": dict(progress),
-                        "rng": torch.get_rng_state()}
+                        "rng": torch.get_rng_state(), "selection": selection}
     tmp = path / (CHECKPOINT + ".tmp")
     torch.save(
         {

@@ -104,7 +104,7 @@ def test_two_ranks_stream_disjoint_chunks_of_a_big_log(log_path: Path, tmp_path:
     env |= {"POLARITY_AUDIT_DIR": str(audit), "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "audited_cli.py"), "train", "--data", str(log_path), "--seq-len", "10", "--d-model", "16",
-           "--batch-size", "256", "--threads", "1", "--stream-chunk-rows", "700", "--out", str(out)]
+           "--batch-size", "256", "--threads", "1", "--epochs", "1", "--stream-chunk-rows", "700", "--out", str(out)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
