@@ -26,10 +26,8 @@ Reported per condition: mean ± std of diff over users, the share of users whose
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -303,11 +301,12 @@ def measure_in_process(table: EventTable, bundle: Path, cfg: SkipResponseConfig,
     """Serve `bundle` in this process (real HTTP on loopback) against `redis_url` (a private redis-server when
     None) under a fresh key prefix, measure, stop, delete the keys."""
     from loadtest.harness.live_server import serve_in_thread
+    from loadtest.harness.redis_server import given_or_private_redis
     from loadtest.replay import delete_prefix
     from service.app import create_app
     from service.settings import Settings
 
-    with _redis(redis_url) as url:
+    with given_or_private_redis(redis_url) as url:
         prefix = f"skipresp-{uuid.uuid4().hex[:10]}"
         settings = {"score_redis_budget_ms": 5000, "redis_timeout_ms": 5000, "access_log": False, **settings}
         app = create_app(Settings(bundle=bundle, redis_url=url, key_prefix=prefix, **settings))
@@ -318,20 +317,6 @@ def measure_in_process(table: EventTable, bundle: Path, cfg: SkipResponseConfig,
             delete_prefix(url, prefix)
     report["bundle"] = str(bundle)
     return report
-
-
-@contextlib.contextmanager
-def _redis(url: str | None) -> Iterator[str]:
-    if url is not None:
-        yield url
-        return
-    from loadtest.harness.redis_server import RedisProcess
-
-    server = RedisProcess().start()
-    try:
-        yield server.url
-    finally:
-        server.close()
 
 
 def format_report(report: dict[str, Any], *, title: str | None = None) -> str:

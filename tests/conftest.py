@@ -12,19 +12,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bundle_factory import BuiltBundle, build_bundle
 from redis_process import RedisProcess
 
+from loadtest.harness.redis_server import given_or_private_redis
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """URL of a real redis-server: POLARITY_TEST_REDIS_URL if given, else a private one."""
-    given = os.environ.get("POLARITY_TEST_REDIS_URL")
-    if given:
-        yield given
-        return
-    server = RedisProcess().start()
-    try:
-        yield server.url
-    finally:
-        server.close()
+    with given_or_private_redis(os.environ.get("POLARITY_TEST_REDIS_URL")) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -21,6 +21,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,3 +164,16 @@ class RedisProcess:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def given_or_private_redis(url: str | None) -> Iterator[str]:
+    """`url` when one is given, else the URL of a private redis-server that lives as long as the block."""
+    if url:
+        yield url
+        return
+    server = RedisProcess().start()
+    try:
+        yield server.url
+    finally:
+        server.close()
