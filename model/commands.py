@@ -38,6 +38,11 @@ def _train(args: argparse.Namespace) -> int:
     from model.training.metrics import print_metrics_table
 
     cfg = config_from_flags(TrainConfig, args)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun resumes by itself
+    earlier = [name for name in ("checkpoint.pt", "metrics.json") if (args.out / name).exists()]
+    if earlier and not (args.force or args.resume or restarted):  # checked before the data is read
+        raise ValueError(f"{args.out} holds an earlier run ({', '.join(earlier)}); pass --resume to continue it, "
+                         "--force to train a new run over it, or --out another directory")
     metrics = train(cfg, out=args.out, resume=True if args.resume else None)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for everyone
         print_metrics_table(metrics)
@@ -106,6 +111,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (model, optimizer, epoch); under torchrun a restarted "
                         "worker resumes by itself")
+    p.add_argument("--force", action="store_true",
+                   help="train a new run into an --out that holds an earlier run (its checkpoint and metrics are "
+                        "replaced; nothing else there is deleted)")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("evaluate", help="evaluate a trained run (on its own data or another log)")

@@ -60,8 +60,26 @@ def test_cli_train_and_evaluate(log_path: Path, tmp_path: Path, capsys: pytest.C
     assert main(argv) == 0
     assert "| test" in capsys.readouterr().out
     assert main(["evaluate", str(out)]) == 0
-    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(out)]) == 2
+    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "other")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_train_never_overwrites_an_earlier_run_without_force(log_path: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(log_path), "--arch", "din", "--seq", "pos", "--seq-len", "10", "--d-model", "16",
+            "--batch-size", "256", "--max-train-samples", "1000", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "notes.txt").write_text("mine")
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "earlier run" in err and "--force" in err
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert main([*argv, "--seed", "1", "--force"]) == 0
+    assert (out / "checkpoint.pt").read_bytes() != checkpoint
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def _world(seed: int = 5) -> dict[str, np.ndarray]:
