@@ -6,10 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.config_flags import json_object
-from model.experiments.plan import EXPERIMENTS
-from model.models.config import ARCHS
-
 
 def _export(args: argparse.Namespace) -> int:
     from export.pipeline import export_bundle
@@ -54,6 +50,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "TAPFGateMLPPool node, instead of the plain TAPFGate node (same outputs)")
     p.set_defaults(handler=_export)
 
+    try:  # the slim serving install (service/, export/, model/features/) has no training code: no experiment
+        from model.config_flags import json_object
+        from model.experiments.plan import EXPERIMENTS
+        from model.models.config import ARCHS
+    except ModuleNotFoundError:
+        return
     p = sub.add_parser("experiment", help="paper experiments: rq1, length, ratio, ablation (AUC beside serving cost)")
     p.add_argument("name", choices=EXPERIMENTS)
     p.add_argument("--data", required=True, help="event log (.csv/.parquet) or a KuaiRec/KuaiRand directory")

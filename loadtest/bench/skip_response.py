@@ -44,6 +44,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+ENV_VARIABLES = ("POLARITY_BENCH_SKIP_RESPONSE_DIR", "POLARITY_BENCH_SKIP_RESPONSE_MODELS",
+                 "POLARITY_BENCH_SKIP_RESPONSE_SEEDS")  # documented in the module docstring
+
+
 def _world(root: Path) -> Path:
     from model.data.events import write_event_log
     from model.data.synthetic import SyntheticWorldConfig, generate
@@ -96,7 +100,7 @@ def bench_skip_response() -> str:
                 report = measure_in_process(table, bundle, cfg)
                 results.setdefault(shape, []).append({"seed": seed, "auc": auc, "report": report})
         world = world_response(table, k=cfg.k)
-    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("POLARITY_BENCH_SKIP_RESPONSE_"))
+    env = " ".join(f"{k}={os.environ[k]}" for k in ENV_VARIABLES if k in os.environ)
     return _render(results, cfg=cfg, seeds=seeds, kept=keep).replace(
         "\nWorld:", f"- environment: `{env}`\n\nWorld:" if env else "\nWorld:", 1) + (
         "\nThe world itself, model-free (`loadtest.skip_response.world_response`): exposures of the category c of "

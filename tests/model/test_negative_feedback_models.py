@@ -266,7 +266,7 @@ def test_the_trainer_adds_a_models_auxiliary_loss(tmp_path: object, monkeypatch:
     try:
         for weight in (0.0, 1.0):
             cfg = TrainConfig(data=str(log), arch="dual_stream", seq="mix-pbe", seq_len=10, d_model=16, batch_size=256,
-                              micro_batch=128, max_train_samples=600, threads=1,
+                              micro_batch=128, max_train_samples=600, threads=1, epochs=1,
                               model_overrides={"contrastive_weight": weight})
             train(cfg, out=root / f"run{weight}", progress=False)
             weights[weight] = torch.load(root / f"run{weight}" / "checkpoint.pt", weights_only=False)["state_dict"]

@@ -82,7 +82,8 @@ def test_a_log_not_sorted_by_user_is_refused(tmp_path: Path) -> None:
 
 
 def test_streamed_training_evaluates_like_the_in_memory_evaluator(log_path: Path, tmp_path: Path) -> None:
-    cfg = TrainConfig(data=str(log_path), seq_len=10, d_model=16, batch_size=256, threads=1, stream_chunk_rows=700)
+    cfg = TrainConfig(data=str(log_path), seq_len=10, d_model=16, batch_size=256, threads=1, stream_chunk_rows=700,
+                      epochs=1)
     metrics = train(cfg, out=tmp_path / "run", progress=False)
     assert metrics["train"]["streamed"] and metrics["train"]["samples"] == metrics["data"]["train"] == 5600
     run = load_checkpoint(tmp_path / "run")
