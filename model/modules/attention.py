@@ -24,11 +24,9 @@ def sequence_attention_mask(seq_mask: Tensor, *, causal: bool, n_queries: int | 
     return allowed | (k_pos == q_pos)
 
 
-class SelfAttentionBlock(nn.Module):
-    """Pre-RMSNorm multi-head self-attention + SiLU FFN, shared by every token of the sequence.
-
-    With `n_queries` only the last Q tokens are updated (pyramid): keys and values still cover all L.
-    """
+class PreNormAttentionWeights(nn.Module):
+    """The weights of a pre-RMSNorm multi-head attention block with a SiLU FFN, and its q/k/v projection; the
+    blocks built on it differ in how the attention weights are formed."""
 
     def __init__(self, *, d_model: int, n_heads: int, ffn_mult: int) -> None:
         super().__init__()
@@ -46,6 +44,13 @@ class SelfAttentionBlock(nn.Module):
         qkv = self.qkv(self.norm1(x)).view(b, length, 3, self.n_heads, d // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return q, k, v
+
+
+class SelfAttentionBlock(PreNormAttentionWeights):
+    """Pre-RMSNorm multi-head self-attention + SiLU FFN, shared by every token of the sequence.
+
+    With `n_queries` only the last Q tokens are updated (pyramid): keys and values still cover all L.
+    """
 
     def attend(self, x: Tensor, mask: Tensor, n_queries: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, d), mask (B, 1, Q, L) -> updated last Q tokens (B, Q, d) and this layer's keys and

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.modules.attention import masked_softmax
-from model.modules.feedforward import RMSNorm
+from model.modules.attention import PreNormAttentionWeights, masked_softmax
 
 
 class SubInterests(nn.Module):
@@ -50,24 +49,14 @@ def intent_weights(intent: Tensor, cross_weight: float) -> Tensor:
     return torch.where(same, 1.0, cross_weight).unsqueeze(1)
 
 
-class IntentAttentionBlock(nn.Module):
+class IntentAttentionBlock(PreNormAttentionWeights):
     """Pre-RMSNorm causal multi-head self-attention with beta-scaled weights, then a SiLU FFN."""
-
-    def __init__(self, *, d_model: int, n_heads: int, ffn_mult: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.norm1 = RMSNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.norm2 = RMSNorm(d_model)
-        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.SiLU(),
-                                 nn.Linear(ffn_mult * d_model, d_model))
 
     def forward(self, x: Tensor, allowed: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
         """x (U, L, d); allowed (U, 1, L, L) bool; beta (U, 1, L, L) -> (U, L, d), weights (U, H, L, L)."""
         u, length, d = x.shape
         h = self.n_heads
-        q, k, v = self.qkv(self.norm1(x)).view(u, length, 3, h, d // h).permute(2, 0, 3, 1, 4)  # (U, H, L, dh)
+        q, k, v = self.keys_values(x)  # (U, H, L, dh)
         weights = masked_softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), allowed) * beta  # (U, H, L, L)
         y = x + self.out((weights @ v).transpose(1, 2).reshape(u, length, d))
         return y + self.ffn(self.norm2(y)), weights
