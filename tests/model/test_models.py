@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_inputs import SPEC, random_inputs
 
-from model.features.spec import FeatureSpec, SequenceSpec, SpecError
+from model.features.spec import SpecError
 from model.models import build_model
 from model.models.config import ModelConfig, OneTransOptions
 
-SPEC = FeatureSpec(sequence=SequenceSpec(seq_len=12, history_cap=64, stats_cap=32), n_items=50, n_categories=7,
-                   event_types=("<pad>", "click", "skip"), event_polarity=(0, 1, -1))
 COMBOS = [(a, v) for a in ("din", "transformer", "onetrans", "dual_stream")
           for v in ("pos", "pos-tapf", "mix-pbe", "mix-tapf") if not (a == "dual_stream" and v.endswith("tapf"))]
-
-
-def _inputs(u: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    length = SPEC.sequence.seq_len
-    mask = torch.ones(u, length, dtype=torch.bool)
-    mask[0, : length // 2] = False  # a short, left-padded history
-    pol = (torch.randint(0, 2, (u, length), generator=g) * 2 - 1) * mask
-    return {
-        "seq_item": torch.randint(2, 50, (u, length), generator=g) * mask,
-        "seq_category": torch.randint(2, 7, (u, length), generator=g) * mask,
-        "seq_polarity": pol, "seq_event": torch.where(pol > 0, 1, 2) * mask, "seq_mask": mask,
-        "user_stats": torch.rand(u, 4, generator=g),
-        "cand_item": torch.randint(1, 50, (n,), generator=g), "cand_category": torch.randint(1, 7, (n,), generator=g),
-        "cand_user": torch.randint(0, u, (n,), generator=g),
-    }
 
 
 @pytest.mark.parametrize(("arch", "variant"), COMBOS)
 def test_candidates_read_their_users_sequence_without_copies(arch: str, variant: str) -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, seq_variant=variant, d_model=16, n_heads=2), SPEC).eval()
-    x = _inputs(3, 8)
+    x = random_inputs(3, 8)
     shared = model(**x)  # (N,)
     # The same scores when every candidate gets its own copy of its user's sequence.
     copied = {k: (v[x["cand_user"]] if k.startswith(("seq_", "user_")) else v) for k, v in x.items()}
@@ -57,7 +40,7 @@ def test_literal_placement_differs_but_has_the_same_parameters(arch: str) -> Non
     result = lit.load_state_dict(enc.state_dict(), strict=False)
     assert not result.missing_keys
     assert set(result.unexpected_keys) <= {"cand_norm.weight"}
-    x = _inputs(2, 5)
+    x = random_inputs(2, 5)
     assert not torch.allclose(enc(**x), lit(**x))
 
 
@@ -65,7 +48,7 @@ def test_candidate_scores_depend_on_skips_only_with_polarity() -> None:
     """A skip and a click of the same item are different evidence for mix models (PBE/TAPF)."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="din", seq_variant="mix-tapf", d_model=16), SPEC).eval()
-    x = _inputs(1, 4)
+    x = random_inputs(1, 4)
     flipped = {**x, "seq_polarity": -x["seq_polarity"]}
     assert not torch.allclose(model(**x), model(**flipped))
 
@@ -94,7 +77,7 @@ def test_onetrans_aggregates_every_token_or_only_the_pyramids_last(aggregate: st
     model = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16,
                                     options=OneTransOptions(aggregate=aggregate)),
                         SPEC).eval()
-    x = _inputs(2, 6)
+    x = random_inputs(2, 6)
     x["seq_mask"][:] = True  # full histories: every position is a real token
     weights = model.attention(**x)  # (N, L)
     kept = model.queries[-1]
@@ -116,7 +99,7 @@ def test_encoded_gate_reads_a_candidate_on_the_encoded_tokens_scale(arch: str) -
     seen: list[torch.Tensor] = []
     assert model.gate is not None
     model.gate.register_forward_hook(lambda _m, args, _out: seen.append(args[2]))
-    model(**_inputs(2, 6))
+    model(**random_inputs(2, 6))
     rms = seen[0].pow(2).mean(-1).sqrt()  # (N,)
     assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
 
@@ -134,7 +117,7 @@ def test_onetrans_gate_reads_each_token_with_its_own_embedding() -> None:
     for name, model in (("skip", skip), ("plain", plain)):
         assert model.gate is not None
         model.gate.register_forward_hook(lambda _m, args, _out, name=name: seen.__setitem__(name, args[0]))
-    x = _inputs(2, 5)
+    x = random_inputs(2, 5)
     skip(**x), plain(**x)
     tokens = skip.embed.tokens(x["seq_item"], x["seq_category"], x["seq_polarity"], x["seq_event"], x["seq_mask"])
     own = skip.s_norm(tokens) * x["seq_mask"].unsqueeze(-1)  # (U, L, d)

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from model_inputs import SPEC, random_inputs
 
-from model.features.spec import FeatureSpec, SequenceSpec, SpecError
+from model.features.spec import SpecError
 from model.models import build_model
 from model.models.config import ModelConfig
 from model.models.mixformer import HeadCrossAttention
@@ -15,26 +16,8 @@ from model.modules.sub_interest import SubInterests, intent_weights
 from model.modules.token_mixing import head_mixing
 from model.modules.weak_signals import WeakSignals, hesitation_flags
 
-SPEC = FeatureSpec(sequence=SequenceSpec(seq_len=12, history_cap=64, stats_cap=32), n_items=50, n_categories=7,
-                   event_types=("<pad>", "click", "skip"), event_polarity=(0, 1, -1))
 COMBOS = [(a, v) for a in ("hyformer", "mixformer") for v in ("pos", "pos-tapf", "mix-pbe", "mix-tapf")] + [
     ("sine", "pos"), ("sine", "mix-pbe")]
-
-
-def _inputs(u: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    length = SPEC.sequence.seq_len
-    mask = torch.ones(u, length, dtype=torch.bool)
-    mask[0, : length // 2] = False  # a short, left-padded history
-    pol = (torch.randint(0, 2, (u, length), generator=g) * 2 - 1) * mask
-    return {
-        "seq_item": torch.randint(2, 50, (u, length), generator=g) * mask,
-        "seq_category": torch.randint(2, 7, (u, length), generator=g) * mask,
-        "seq_polarity": pol, "seq_event": torch.where(pol > 0, 1, 2) * mask, "seq_mask": mask,
-        "user_stats": torch.rand(u, 4, generator=g),
-        "cand_item": torch.randint(1, 50, (n,), generator=g), "cand_category": torch.randint(1, 7, (n,), generator=g),
-        "cand_user": torch.randint(0, u, (n,), generator=g),
-    }
 
 
 def _model(arch: str, variant: str, **extra: object) -> torch.nn.Module:
@@ -46,7 +29,7 @@ def _model(arch: str, variant: str, **extra: object) -> torch.nn.Module:
 @pytest.mark.parametrize(("arch", "variant"), COMBOS)
 def test_candidates_read_their_users_sequence(arch: str, variant: str) -> None:
     model = _model(arch, variant)
-    x = _inputs(3, 8)
+    x = random_inputs(3, 8)
     shared = model(**x)
     copied = {k: (v[x["cand_user"]] if k.startswith(("seq_", "user_")) else v) for k, v in x.items()}
     copied["cand_user"] = torch.arange(8)
@@ -65,7 +48,7 @@ def test_a_skip_and_a_click_of_the_same_item_score_differently(arch: str, varian
     with torch.no_grad():  # PBE starts at zero: give it something to say
         assert model.embed.polarity is not None
         model.embed.polarity.weight.normal_(0, 0.1)
-    x = _inputs(1, 4)
+    x = random_inputs(1, 4)
     assert not torch.allclose(model(**x), model(**{**x, "seq_polarity": -x["seq_polarity"]}))
 
 
@@ -74,7 +57,7 @@ def test_the_sequence_side_never_sees_the_candidate(arch: str) -> None:
     """`encode` returns the final sequence states per user (U, L, d), and they do not change with the
     candidates: serving computes them once per user however many candidates it scores."""
     model = _model(arch, "mix-tapf")
-    x = _inputs(2, 5)
+    x = random_inputs(2, 5)
     seen: list[torch.Tensor] = []
     original = model.encode
 
@@ -96,7 +79,7 @@ def test_literal_placement_runs_the_stack_per_candidate_and_differs() -> None:
     enc = _model("hyformer", "mix-tapf")
     lit = _model("hyformer", "mix-tapf", tapf_placement="input")
     lit.load_state_dict(enc.state_dict())
-    x = _inputs(2, 5)
+    x = random_inputs(2, 5)
     assert not torch.allclose(enc(**x), lit(**x))
 
 
@@ -159,7 +142,7 @@ def test_sine_assigns_a_positive_after_a_skip_by_the_gap_to_that_skip() -> None:
 
 def test_sine_auxiliary_loss_trains_the_prototypes_and_the_encoder() -> None:
     model = _model("sine", "mix-pbe").train()
-    x = _inputs(4, 4)
+    x = random_inputs(4, 4)
     x["seq_mask"][:] = True
     x["seq_polarity"] = torch.tensor([[-1, 1] * 6] * 4)  # every positive right after a skip: L2 is defined
     loss = model.auxiliary_loss({**x, "cand_user": None}, torch.ones(4))
@@ -176,9 +159,9 @@ def test_sine_auxiliary_loss_trains_the_prototypes_and_the_encoder() -> None:
 
 
 def test_contrastive_term_is_off_by_default_and_prefers_the_labels_stream() -> None:
-    assert _model("dual_stream", "mix-pbe").auxiliary_loss(_inputs(2, 2), torch.ones(2)) is None
+    assert _model("dual_stream", "mix-pbe").auxiliary_loss(random_inputs(2, 2), torch.ones(2)) is None
     model = _model("dual_stream", "mix-pbe", contrastive_weight=1.0)
-    x = {**_inputs(4, 4), "cand_user": None}
+    x = {**random_inputs(4, 4), "cand_user": None}
     clicked, skipped = model.auxiliary_loss(x, torch.ones(4)), model.auxiliary_loss(x, torch.zeros(4))
     assert clicked is not None and skipped is not None
     assert float(clicked.detach()) > 0 and float(skipped.detach()) > 0
@@ -228,7 +211,7 @@ def test_weak_signals_start_as_the_identity_and_gate_only_auxiliary_tokens() -> 
 
 
 def test_weak_signals_is_a_model_option_for_every_arch() -> None:
-    x = _inputs(2, 4)
+    x = random_inputs(2, 4)
     for arch, variant in (("onetrans", "mix-tapf"), ("din", "mix-tapf"), ("sine", "mix-pbe")):
         model = _model(arch, variant, weak_signals=True)
         assert model.embed.weak_signals is not None
