@@ -26,7 +26,8 @@ import numpy as np
 
 from loadtest.harness.live_server import stop_process, wait_ready
 from loadtest.harness.redis_server import RedisProcess, free_port
-from model.data.events import NO_CATEGORY, EventTable, read_event_log, write_event_log
+from loadtest.replay import event_payload
+from model.data.events import EventTable, read_event_log, write_event_log
 from model.data.synthetic import SyntheticWorldConfig, generate
 from model.training.config import TrainConfig
 from model.training.evaluate import evaluate_run
@@ -188,14 +189,6 @@ def _get(url: str) -> str:
     return httpx.get(url, timeout=10).text
 
 
-def _row(table: EventTable, k: int) -> dict[str, Any]:
-    cat = int(table.category[k])
-    return {"event_id": f"row-{int(table.source_row[k])}", "user_id": str(table.user_keys[table.user[k]]),
-            "item_id": str(table.item_keys[table.item[k]]), "timestamp": float(table.timestamp[k]),
-            "label": int(table.label[k]), "event": table.event_types[int(table.event[k])] or None,
-            "category": None if cat == NO_CATEGORY else str(table.category_keys[cat])}
-
-
 def ingest_log(base: str, table: EventTable, *, batch: int, limit: int) -> None:
     """The log's `limit` most recent events, in file order, through POST /v1/events (label + event +
     category, one event_id per row)."""
@@ -207,7 +200,7 @@ def ingest_log(base: str, table: EventTable, *, batch: int, limit: int) -> None:
     accepted = duplicates = rejected = 0
     with httpx.Client(base_url=base, timeout=60) as client:
         for lo in range(0, len(order), batch):
-            body = {"events": [_row(table, int(k)) for k in order[lo:lo + batch]]}
+            body = {"events": [event_payload(table, int(k)) for k in order[lo:lo + batch]]}
             r = client.post("/v1/events", json=body)
             r.raise_for_status()
             res = r.json()

@@ -108,10 +108,12 @@ def replay_window(table: EventTable, *, start_time: float | None, test_fraction:
     return order[:cut], order[cut:]
 
 
-def _event_payload(table: EventTable, row: int, *, run_id: str, user_prefix: str) -> dict[str, Any]:
+def event_payload(table: EventTable, row: int, *, event_id_prefix: str = "row", user_prefix: str = ""
+                  ) -> dict[str, Any]:
+    """Row `row` of the log as one event of a `POST /v1/events` body (event id: prefix + the row in the file)."""
     cat = int(table.category[row])
     return {
-        "event_id": f"{run_id}-{int(table.source_row[row])}",
+        "event_id": f"{event_id_prefix}-{int(table.source_row[row])}",
         "user_id": user_prefix + str(table.user_keys[table.user[row]]),
         "item_id": str(table.item_keys[table.item[row]]),
         "timestamp": float(table.timestamp[row]),
@@ -204,7 +206,7 @@ async def replay_online(client: httpx.AsyncClient, table: EventTable, prefix: np
                   score_latency=LatencyHistogram(), event_latency=LatencyHistogram(),
                   load_event_latency=LatencyHistogram())
     def payload(row: int) -> dict[str, Any]:
-        return _event_payload(table, int(row), run_id=run_id, user_prefix=cfg.user_prefix)
+        return event_payload(table, int(row), event_id_prefix=run_id, user_prefix=cfg.user_prefix)
 
 
     t0 = time.perf_counter()

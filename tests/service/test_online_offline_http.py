@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 from service_harness import SettingsFactory, serving
 
-from model.data.events import NO_CATEGORY, read_event_log
+from loadtest.replay import event_payload
+from model.data.events import read_event_log
 from model.data.samples import encode_events, history_table
 from model.features.inputs import inputs_from_sequences
 from model.features.sequence import SequenceBatch, build_sequences
@@ -33,11 +34,7 @@ async def test_http_replay_equals_offline_assembly_and_scores(make_settings: Set
     rows = rows[np.argsort(table.source_row[rows], kind="stable")]  # file order = arrival order
 
     def raw(k: int) -> dict[str, Any]:
-        cat = int(table.category[k])
-        return {"event_id": f"row-{int(table.source_row[k])}", "user_id": str(table.user_keys[table.user[k]]),
-                "item_id": str(table.item_keys[table.item[k]]), "timestamp": float(table.timestamp[k]),
-                "label": int(table.label[k]), "event": table.event_types[int(table.event[k])] or None,
-                "category": None if cat == NO_CATEGORY else str(table.category_keys[cat])}
+        return event_payload(table, k)
 
     async with serving(settings) as (app, client):
         model = app.state.runtime.slot.current

@@ -13,7 +13,8 @@ import pytest
 from bundle_factory import BuiltBundle, build_bundle
 from service_harness import serving
 
-from model.data.events import NO_CATEGORY, read_event_log
+from loadtest.replay import event_payload
+from model.data.events import read_event_log
 from model.data.samples import encode_events, history_table
 from model.features.inputs import inputs_from_sequences
 from model.features.sequence import build_sequences
@@ -40,11 +41,7 @@ async def test_replayed_history_scores_like_the_trainer_path(arch_bundle: BuiltB
     rows = rows[np.argsort(table.source_row[rows], kind="stable")]
 
     def raw(k: int) -> dict[str, Any]:
-        cat = int(table.category[k])
-        return {"event_id": f"row-{int(table.source_row[k])}", "user_id": str(table.user_keys[table.user[k]]),
-                "item_id": str(table.item_keys[table.item[k]]), "timestamp": float(table.timestamp[k]),
-                "label": int(table.label[k]), "event": table.event_types[int(table.event[k])] or None,
-                "category": None if cat == NO_CATEGORY else str(table.category_keys[cat])}
+        return event_payload(table, k)
 
     async with serving(settings) as (app, client):
         model = app.state.runtime.slot.current
