@@ -18,8 +18,11 @@ from service.schemas import BatchScoreRequest, BatchScoreResponse, ErrorResponse
 from service.security import check_api_key, require_scoring_key
 from service.unparseable_body import reason_from_parser_message
 
-router = APIRouter(tags=["score"], dependencies=[Depends(require_scoring_key)])
+router = APIRouter(tags=["score"])
 EXPLAIN_NEEDS_KEY = "explain shows the user's history: it needs the API key"
+# The checks /v1/score runs in its own body instead of as FastAPI dependencies (solving dependencies costs every
+# request more than the checks themselves); `service.openapi` documents them as if they were dependencies.
+INLINE_CHECKS = {("/v1/score", "POST"): (require_scoring_key, get_runtime)}
 
 
 # The schema FastAPI would document for a `body: ScoreRequest` parameter: the component (registered through
@@ -63,10 +66,15 @@ def parse_score_request(body: bytes, content_type: str | None) -> ScoreRequest:
     summary="Score candidates for a user",
     openapi_extra=_REQUEST_BODY_DOC,
 )
-async def score(request: Request, runtime: Runtime = Depends(get_runtime)) -> Response:  # noqa: B008
+async def score(request: Request) -> Response:
     """Scores are in candidate order. Unknown items score through the out-of-vocabulary embedding.
     When Redis is down or slower than the budget the user is scored without history and
     `degraded` is true (never a 5xx)."""
+    # What the dependencies of /v1/score:batch do, in their order: the key, then the runtime, then the body.
+    settings = request.app.state.settings
+    if settings.require_api_key_for_scoring:
+        check_api_key(request, settings)  # as `require_scoring_key`
+    runtime = await get_runtime(request)
     req = parse_score_request(await request.body(), request.headers.get("content-type"))
     if req.explain:
         check_api_key(request, runtime.settings, why=EXPLAIN_NEEDS_KEY)
@@ -83,6 +91,7 @@ async def score(request: Request, runtime: Runtime = Depends(get_runtime)) -> Re
                                                             "too large"},
                422: {"model": ErrorResponse, "description": "invalid request (field and reason)"}},
     summary="Score candidates for several users in one model call",
+    dependencies=[Depends(require_scoring_key)],
 )
 async def score_batch(body: BatchScoreRequest, request: Request,
                       runtime: Runtime = Depends(get_runtime)) -> Response:  # noqa: B008
