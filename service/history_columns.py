@@ -104,7 +104,7 @@ class UserHistory:
     the negatives), which the one-user path of `service.assembly` uses as they are; `positives` and `negatives`
     are views of it, made when first asked for."""
 
-    __slots__ = ("_events", "_n_positive", "_positives", "_negatives")
+    __slots__ = ("_events", "_n_positive", "_negatives", "_positives")
 
     def __init__(self, *, positives: RawHistory, negatives: RawHistory) -> None:
         self._events: RawHistory | None = None
