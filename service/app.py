@@ -128,7 +128,7 @@ def create_app(
             if metrics_server is not None:
                 metrics_server.shutdown()
             executor.shutdown(wait=True)
-            await store.redis.aclose()
+            await store.aclose()
             if frozen:
                 unfreeze_objects()
 

@@ -42,6 +42,9 @@ def assemble_sequences(
     if cut.shape[0] != len(histories):
         raise ValueError(f"{len(histories)} histories but {cut.shape[0]} cutoffs")
     n_users = len(histories)
+    if n_users == 1 and histories[0].events is not None:  # the score path: one read of one user
+        return build_sequences(_one_user_table(histories[0], vocab), user=np.zeros(1, dtype=np.int64), cutoff=cut,
+                               spec=spec, n_items=vocab.n_items)
     raws = [h.positives for h in histories] + [h.negatives for h in histories]
     lengths = np.fromiter(map(len, raws), dtype=np.int64, count=2 * n_users)
     n_pos = int(lengths[:n_users].sum())
@@ -69,3 +72,24 @@ def assemble_sequences(
     return build_sequences(
         table, user=np.arange(n_users, dtype=np.int64), cutoff=cut, spec=spec, n_items=vocab.n_items
     )
+
+
+def _one_user_table(history: UserHistory, vocab: Vocabulary) -> HistoryTable:
+    """The table of one user read from the store, whose events come as one set of columns (positives first): the
+    same lookups and streams as the general path above, on those columns as they are (no split and re-join)."""
+    events = history.events
+    assert events is not None
+    n, n_pos = len(events), history.n_positive
+    if n == 0:
+        return HistoryTable(positives=PolarityStreams.empty(1), negatives=PolarityStreams.empty(1))
+    item = vocab.item_index_packed(events.item)
+    category = vocab.category_index_packed(events.category)
+    sign = np.ones(n, dtype=np.int64)
+    sign[n_pos:] = -1
+    event = vocab.event_index_packed(events.event, sign)
+
+    def streams(rows: slice, count: int) -> PolarityStreams:
+        return PolarityStreams(ptr=np.array([0, count], dtype=np.int64), item=item[rows], category=category[rows],
+                               event=event[rows], timestamp=events.timestamps[rows], seq=events.seqs[rows])
+
+    return HistoryTable(positives=streams(slice(0, n_pos), n_pos), negatives=streams(slice(n_pos, n), n - n_pos))

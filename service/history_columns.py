@@ -99,10 +99,50 @@ class RawHistory:
         return RawHistory(item=none, event=none, category=none, timestamps=_EMPTY_F, seqs=_EMPTY_I)
 
 
-@dataclass(frozen=True, kw_only=True)
 class UserHistory:
-    positives: RawHistory
-    negatives: RawHistory
+    """One user's two histories. Read from the store they are one set of columns (`events`: the positives, then
+    the negatives), which the one-user path of `service.assembly` uses as they are; `positives` and `negatives`
+    are views of it, made when first asked for."""
+
+    __slots__ = ("_events", "_n_positive", "_negatives", "_positives")
+
+    def __init__(self, *, positives: RawHistory, negatives: RawHistory) -> None:
+        self._events: RawHistory | None = None
+        self._n_positive = len(positives)
+        self._positives: RawHistory | None = positives
+        self._negatives: RawHistory | None = negatives
+
+    @staticmethod
+    def joined(events: RawHistory, n_positive: int) -> UserHistory:
+        """The history whose first `n_positive` events are the positives and the rest the negatives."""
+        if not 0 <= n_positive <= len(events):
+            raise ValueError(f"{n_positive} positives among {len(events)} events")
+        out = UserHistory.__new__(UserHistory)
+        out._events, out._n_positive, out._positives, out._negatives = events, n_positive, None, None
+        return out
+
+    @property
+    def events(self) -> RawHistory | None:
+        """Both histories as one set of columns, positives first (None when built from two separate ones)."""
+        return self._events
+
+    @property
+    def n_positive(self) -> int:
+        return self._n_positive
+
+    @property
+    def positives(self) -> RawHistory:
+        if self._positives is None:
+            assert self._events is not None
+            self._positives = self._events.take(slice(0, self._n_positive))
+        return self._positives
+
+    @property
+    def negatives(self) -> RawHistory:
+        if self._negatives is None:
+            assert self._events is not None
+            self._negatives = self._events.take(slice(self._n_positive, len(self._events)))
+        return self._negatives
 
     @staticmethod
     def empty() -> UserHistory:
@@ -123,8 +163,7 @@ def decode_user_history(n_positive: int, text: bytes) -> UserHistory:
     events = decode_history(text)
     if not 0 <= n_positive <= len(events):
         raise DamagedHistory(f"the reply counts {n_positive} positives among {len(events)} events")
-    return UserHistory(positives=events.take(slice(0, n_positive)),
-                       negatives=events.take(slice(n_positive, len(events))))
+    return UserHistory.joined(events, n_positive)
 
 
 def decode_history(text: bytes) -> RawHistory:

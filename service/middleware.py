@@ -14,6 +14,7 @@ from service.errors import INTERNAL_ERROR, error_body, log_unexpected
 from service.metrics import ServiceMetrics
 
 UNMATCHED_ROUTE = "unmatched"
+MAX_CACHED_LABELS = 1024
 
 
 class MetricsMiddleware:
@@ -26,6 +27,8 @@ class MetricsMiddleware:
         self.app = app
         self.metrics = metrics
         self.known_paths = known_paths
+        # (route, method, status) -> the two labelled children: `labels()` takes a lock and builds a key per call.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,9 +50,15 @@ class MetricsMiddleware:
             path = getattr(route, "path", None)
             if path is None:
                 path = scope["path"] if scope.get("path") in self.known_paths else UNMATCHED_ROUTE
-            labels = {"route": path, "method": scope.get("method", ""), "status": str(status)}
-            self.metrics.http_duration.labels(**labels).observe(time.perf_counter() - t0)
-            self.metrics.http_requests.labels(**labels).inc()
+            key = (path, scope.get("method", ""), str(status))
+            children = self._children.get(key)
+            if children is None:
+                labels = {"route": key[0], "method": key[1], "status": key[2]}
+                children = (self.metrics.http_duration.labels(**labels), self.metrics.http_requests.labels(**labels))
+                if len(self._children) < MAX_CACHED_LABELS:  # bounded: routes x methods x statuses are few
+                    self._children[key] = children
+            children[0].observe(time.perf_counter() - t0)
+            children[1].inc()
 
 
 class BodyTooLargeHTTP(StarletteHTTPException):

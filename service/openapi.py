@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.routers.score import INLINE_CHECKS
 from service.runtime import get_runtime
 from service.security import API_KEY_HEADER, require_api_key, require_scoring_key
 
@@ -110,6 +111,9 @@ NOT_READY = {"description": "the service is starting or stopping (no model loade
 
 
 def _depends_on(route: APIRoute, fn: Callable[..., Any]) -> bool:
+    """`fn` is one of the route's dependencies, or one of the checks it runs inline (`score.INLINE_CHECKS`)."""
+    if any(fn in INLINE_CHECKS.get((route.path, method), ()) for method in route.methods or ()):
+        return True
     stack = list(route.dependant.dependencies)
     while stack:
         dep = stack.pop()

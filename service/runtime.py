@@ -44,7 +44,8 @@ async def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
+    """FastAPI dependency: the app's settings (async, as `get_runtime`: no thread-pool hop per request)."""
     settings = request.app.state.settings
     assert isinstance(settings, Settings)
     return settings

@@ -24,11 +24,11 @@ def presented_key(request: Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:  # noqa: B008
+async def require_api_key(request: Request, settings: Settings = Depends(get_settings)) -> None:  # noqa: B008
     check_api_key(request, settings)
 
 
-def require_scoring_key(request: Request, settings: Settings = Depends(get_settings)) -> None:  # noqa: B008
+async def require_scoring_key(request: Request, settings: Settings = Depends(get_settings)) -> None:  # noqa: B008
     """The key on the score routes, when `require_api_key_for_scoring`."""
     if settings.require_api_key_for_scoring:
         check_api_key(request, settings)

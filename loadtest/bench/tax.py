@@ -85,6 +85,10 @@ def _feed(user: str, items: list[str]) -> dict[str, np.ndarray]:
         cand_item, [None] * len(items)), cand_user=np.zeros(len(items), dtype=np.int64)).as_dict()
 
 
+def _client(url: str) -> KeepAliveClient:
+    return KeepAliveClient(urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80)
+
+
 def measure_tax(urls: dict[str, ServerURL], *, candidates: int, requests: int, rounds: int, seed: int = 0
                 ) -> dict[str, dict[str, Any]]:
     """Per server (label -> URL): HTTP latencies (ms) for N candidates, the server's stage means and CPU time per
@@ -99,8 +103,7 @@ def measure_tax(urls: dict[str, ServerURL], *, candidates: int, requests: int, r
     feed = _feed(users[0], item_lists[0])
     out: dict[str, dict[str, Any]] = {label: {"http": [], "cpu_s": 0.0} for label in urls}
     bare: dict[str, Any] = {"times": [], "cpu_s": 0.0}
-    clients = {label: KeepAliveClient(urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80)
-               for label, url in urls.items()}
+    clients = {label: _client(url) for label, url in urls.items()}
     try:
         prepared = {label: [c.request_bytes("/v1/score", b) for b in bodies] for label, c in clients.items()}
         for label, client in clients.items():  # connections, caches, the session's first runs
@@ -112,7 +115,12 @@ def measure_tax(urls: dict[str, ServerURL], *, candidates: int, requests: int, r
             session.run(None, feed)
         before = {label: httpx.get(url + "/metrics").text for label, url in urls.items()}
         for _ in range(rounds):
-            for label, client in clients.items():
+            for label in urls:
+                # A fresh connection each round (one untimed request on it): while the other servers and the bare
+                # session take their turn, an idle keep-alive connection may pass the server's keep-alive timeout.
+                clients[label].close()
+                clients[label] = client = _client(urls[label])
+                client.send(prepared[label][0])
                 c0 = process_cpu_s(urls[label].pid)
                 for k in range(requests):
                     out[label]["http"].append(1e3 * client.send(prepared[label][k % len(bodies)]).seconds)
@@ -188,7 +196,8 @@ def bench_tax(candidate_counts: tuple[int, ...] = (1, 100, 500), requests: int =
         f"- service: its own process, `inference_threads={THREADS}`, `inference_workers=1`, `inference_shards=1` "
         "(one request at a time gets every core, as the bare session does), other settings default (small "
         "requests infer on the event loop: `inference_inline_max_candidates`)",
-        f"- closed loop: one keep-alive client, one request at a time; {rounds} rounds of {requests} requests "
+        f"- closed loop: one keep-alive client (a fresh connection per round, its first request untimed), one "
+        f"request at a time; {rounds} rounds of {requests} requests "
         f"(half at N=500) per service, each round followed by as many runs of the bare session ({THREADS} threads, "
         "the graph the service runs without `explain`, on the inputs the service builds for the same user)",
         f"- load average: {load_before} before, {_load()} after",

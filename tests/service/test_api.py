@@ -238,6 +238,22 @@ async def test_api_key_guards_writes_and_admin(make_settings: SettingsFactory) -
         assert (await client.post("/v1/score", json=score_body("frank"))).status_code == 200  # reads stay open
 
 
+async def test_score_checks_the_key_before_the_body_when_scoring_needs_it(make_settings: SettingsFactory) -> None:
+    """/v1/score runs its checks in its own body (no FastAPI dependencies), as its dependencies ran them: the key
+    first (401 even for a body that is not JSON), then the body (422 naming the field); /v1/score:batch (still
+    with dependencies) answers a JSON body the same."""
+    async with serving(make_settings(api_key="s3cret", require_api_key_for_scoring=True)) as (_, client):
+        key = {"X-API-Key": "s3cret"}
+        bad = {"user_id": "grace", "candidates": [{"item_id": "1"}, {"item_id": 7}]}
+        assert (await client.post("/v1/score", content=b"{not json",
+                                  headers={"content-type": "application/json"})).status_code == 401
+        for path, wrap in (("/v1/score", lambda b: b), ("/v1/score:batch", lambda b: {"requests": [b]})):
+            assert (await client.post(path, json=wrap(score_body("grace")))).status_code == 401
+            r = await client.post(path, json=wrap(bad), headers=key)
+            assert r.status_code == 422 and "candidates" in r.text and "item_id" in r.text
+            assert (await client.post(path, json=wrap(score_body("grace")), headers=key)).status_code == 200
+
+
 async def test_readyz_reports_provider_and_kernel(make_settings: SettingsFactory) -> None:
     async with serving(make_settings(device="cpu")) as (_, client):
         r = await client.get("/readyz")

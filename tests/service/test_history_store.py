@@ -373,6 +373,33 @@ async def test_script_cache_flush_is_survived(private_redis) -> None:  # type: i
         await r.aclose()
 
 
+async def test_one_user_reads_survive_killed_connections_cancelled_reads_and_script_flushes(
+        private_redis) -> None:  # type: ignore[no-untyped-def]
+    """One-user reads (the score path) run on connections of the store's own: one that Redis dropped is replaced,
+    a read cancelled before its reply arrived never hands that reply to a later read, and NOSCRIPT reloads."""
+    r = client(private_redis.url, op_timeout_s=2.0)
+    store = HistoryStore(redis=r, key_prefix="p")
+    try:
+        await store.append([ev("u", "a", 1.0), ev("v", "b", 1.0, "skip")])
+        for _ in range(3):
+            u, v = await asyncio.gather(store.read("u"), store.read("v"))
+            assert u.positives.item_ids == ["a"] and v.negatives.item_ids == ["b"] and len(u.negatives) == 0
+        await r.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert (await store.read("u")).positives.item_ids == ["a"]
+        os.kill(private_redis.proc.pid, signal.SIGSTOP)  # the next read's reply comes only after it is cancelled
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(store.read("v"), timeout=0.1)
+        finally:
+            os.kill(private_redis.proc.pid, signal.SIGCONT)
+        for _ in range(3):
+            assert (await store.read("u")).positives.item_ids == ["a"]
+        await r.script_flush()
+        assert (await store.read("v")).negatives.item_ids == ["b"]
+    finally:
+        await store.aclose()
+
+
 async def test_concurrent_appends_equal_sequential(redis_url: str) -> None:
     rng = random.Random(7)
     n = 300
