@@ -14,7 +14,7 @@ from export.serving.folded import FoldedTAPFGate, FoldedTargetAttention
 from export.serving.onetrans import ServingOneTrans
 from export.serving.unified import SERVING_MODULES, ServingQueryTokenCTR
 from model.models.ctr_model import SequenceCTRModel
-from model.models.din import DIN, target_head_logits
+from model.models.din import DIN, polarity_masks, pooled_attention, target_head_logits
 from model.models.onetrans import OneTrans
 from model.models.transformer import TransformerCTR
 from model.models.unified import QueryTokenCTR
@@ -40,11 +40,22 @@ class ServingTargetAttentionCTR(nn.Module):
             seq, gate_cand = m.encoder(tokens, mask), m.cand_norm(cand)  # (U, L, d) once per user
         else:
             seq, gate_cand = tokens, cand  # DIN has no encoder
-        pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
+        pooled: Tensor | tuple[Tensor, ...]
+        if isinstance(m, DIN) and m.skip_attention is not None:
+            # One fused node per polarity pool, each with its polarity's mask: the gate runs twice, the gated
+            # tokens are still never materialised.
+            skip_att = cast(FoldedTargetAttention, m.skip_attention)
+            click_mask, skip_mask = polarity_masks(mask, polarity)  # (U, L) each
+            click, click_weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, click_mask, cand)
+            skip, skip_weights = skip_att.gated_pool(gate, seq, polarity, gate_cand, cand_user, skip_mask, cand)
+            pooled, weights = (click, skip), pooled_attention(click_weights, skip_weights)
+        else:
+            pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
         return target_head_logits(cast(nn.Module, m.head), pooled, cand, m.scaled_stats(stats), cand_user), weights
 
 ATTENTION_SOURCES = {
-    "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens",
+    "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens; with polarity_pools, "
+           "the mean of the click pool's and the skip pool's weights (of the non-empty ones)",
     "transformer": "DIN target attention of the candidate over the L encoded (TAPF-gated) tokens",
     "onetrans": "aggregation attention of the candidate's NS tokens over the S tokens (gated), averaged over the "
                 "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0",

@@ -40,6 +40,17 @@ class TargetAttentionOptions(ArchOptions):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DINOptions(TargetAttentionOptions):
+    """DIN. polarity_pools: with a mixed sequence (mix-pbe, mix-tapf), one target-attention pool over the click
+    tokens and another over the skip tokens (each its own activation unit and masked softmax; an empty pool is
+    zeros), and the head reads both, so a skip pulls its own pool instead of competing with the clicks for one
+    softmax's mass (DFN's separate click / unclick pools). Ignored for positive-only sequences (pos, pos-tapf):
+    the model is then exactly the one-pool DIN."""
+
+    polarity_pools: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
 class OneTransOptions(ArchOptions):
     n_ns_tokens: int = 4  # NS tokens made by the auto-split MLP
     pyramid_final: float = 0.5  # share of S queries the last layer keeps
@@ -126,7 +137,7 @@ class SINEOptions(ArchOptions):
 
 # Architecture name -> its options class. `model.models.ARCHITECTURES` maps the same names to model classes.
 ARCH_OPTIONS: dict[str, type[ArchOptions]] = {
-    "din": TargetAttentionOptions,
+    "din": DINOptions,
     "transformer": TargetAttentionOptions,
     "onetrans": OneTransOptions,
     "dual_stream": DualStreamOptions,
