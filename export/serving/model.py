@@ -25,11 +25,14 @@ from model.modules.polarity_gate import TAPFGate
 class ServingTargetAttentionCTR(nn.Module):
     """`DIN.score` / `TransformerCTR.score` (encoded placement) for serving: the TAPF gate and the target attention
     that pools its output run as one op (`FoldedTargetAttention.gated_pool`), so the (N, L, d) gated tokens are
-    never materialised. Same inputs and outputs as `score`: logits (N,), attention (N, L)."""
+    never materialised. Same inputs and outputs as `score`: logits (N,), attention (N, L). DIN with polarity pools
+    runs that op once per pool, with the pool's polarity mask."""
 
     def __init__(self, model: SequenceCTRModel) -> None:
         super().__init__()
         self.model = model
+        # DIN's polarity pools: one fused gate-and-pool node per pool, so the gate runs once per pool.
+        self.gate_passes = 2 if isinstance(model, DIN) and model.skip_attention is not None else 1
 
     def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
                 cand_user: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,6 +87,12 @@ class ServingModel(nn.Module):
         self.model = model
         self.attention = attention
         self.scorer = scorer  # a serving rewrite of `model.score` (same inputs and outputs), or None
+
+    @property
+    def gate_passes(self) -> int:
+        """TAPF gate nodes the exported graph holds per gate of the model: 1, or one per pool where a serving
+        rewrite fuses the gate into each of several pools (DIN's polarity pools with fuse_pooling)."""
+        return self.scorer.gate_passes if isinstance(self.scorer, ServingTargetAttentionCTR) else 1
 
     @property
     def output_names(self) -> tuple[str, ...]:
