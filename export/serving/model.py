@@ -32,7 +32,7 @@ class ServingTargetAttentionCTR(nn.Module):
         super().__init__()
         self.model = model
         # DIN's polarity pools: one fused gate-and-pool node per pool, so the gate runs once per pool.
-        self.gate_passes = 2 if isinstance(model, DIN) and model.skip_attention is not None else 1
+        self.gate_passes = 2 if isinstance(model, DIN) and model.polarity_pools else 1
 
     def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
                 cand_user: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,13 +44,12 @@ class ServingTargetAttentionCTR(nn.Module):
         else:
             seq, gate_cand = tokens, cand  # DIN has no encoder
         pooled: Tensor | tuple[Tensor, ...]
-        if isinstance(m, DIN) and m.skip_attention is not None:
-            # One fused node per polarity pool, each with its polarity's mask: the gate runs twice, the gated
-            # tokens are still never materialised.
-            skip_att = cast(FoldedTargetAttention, m.skip_attention)
+        if isinstance(m, DIN) and m.polarity_pools:
+            # One fused node per polarity pool, each with its polarity's mask (the kernel gates and scores only
+            # the tokens its mask keeps); the gated tokens are still never materialised.
             click_mask, skip_mask = polarity_masks(mask, polarity)  # (U, L) each
             click, click_weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, click_mask, cand)
-            skip, skip_weights = skip_att.gated_pool(gate, seq, polarity, gate_cand, cand_user, skip_mask, cand)
+            skip, skip_weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, skip_mask, cand)
             pooled, weights = (click, skip), pooled_attention(click_weights, skip_weights)
         else:
             pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)

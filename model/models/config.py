@@ -42,10 +42,10 @@ class TargetAttentionOptions(ArchOptions):
 @dataclass(frozen=True, kw_only=True)
 class DINOptions(TargetAttentionOptions):
     """DIN. polarity_pools: with a mixed sequence (mix-pbe, mix-tapf), one target-attention pool over the click
-    tokens and another over the skip tokens (each its own activation unit and masked softmax; an empty pool is
-    zeros), and the head reads both, so a skip pulls its own pool instead of competing with the clicks for one
-    softmax's mass (DFN's separate click / unclick pools). Ignored for positive-only sequences (pos, pos-tapf):
-    the model is then exactly the one-pool DIN."""
+    tokens and another over the skip tokens (one activation unit scores every token; each polarity has its own
+    masked softmax; an empty pool is zeros), and the head reads both, so a skip weighs in its own pool instead of
+    competing with the clicks for one softmax's mass (DFN's separate click / unclick pools). Ignored for
+    positive-only sequences (pos, pos-tapf): the model is then exactly the one-pool DIN."""
 
     polarity_pools: bool = False
 

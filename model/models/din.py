@@ -1,8 +1,8 @@
 """DIN: target attention over the (TAPF-gated) behaviour tokens, then an MLP head.
 
 With `DINOptions.polarity_pools` and a mixed sequence, the clicks and the skips are pooled separately
-(`polarity_masks`, `pooled_attention`): each polarity has its own activation unit and masked softmax, and the
-head reads both pools.
+(`polarity_masks`, `pooled_attention`): one activation unit scores every token, each polarity gets its own masked
+softmax and pooled vector, and the head reads both pools.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from model.features.spec import FeatureSpec
 from model.models.config import DINOptions, ModelConfig
 from model.models.ctr_model import SequenceCTRModel
-from model.modules.attention import TargetAttention
+from model.modules.attention import TargetAttention, attention_pool
 from model.modules.feedforward import MLP
 from model.modules.gather import per_candidate
 
@@ -49,9 +49,7 @@ class DIN(SequenceCTRModel):
         options = config.arch_options(DINOptions)
         # Separate pools only where there are skips to pool: positive-only sequences keep the one-pool DIN.
         self.polarity_pools = options.polarity_pools and config.uses_polarity_embedding
-        self.target_attention = TargetAttention(d_model=d, hidden=options.attention_hidden)  # clicks (or all)
-        self.skip_attention = (TargetAttention(d_model=d, hidden=options.attention_hidden)
-                               if self.polarity_pools else None)
+        self.target_attention = TargetAttention(d_model=d, hidden=options.attention_hidden)
         n_pools = 2 if self.polarity_pools else 1
         self.head = MLP(d_in=(2 * n_pools + 1) * d + spec.n_stats, hidden=config.head_hidden, d_out=1,
                         dropout=config.dropout)
@@ -63,11 +61,14 @@ class DIN(SequenceCTRModel):
             tokens = self.gated(tokens, polarity, cand, cand_user)  # (N, L, d), per candidate
             mask, polarity, att_user = per_candidate(mask, cand_user), per_candidate(polarity, cand_user), None
         pooled: Tensor | tuple[Tensor, ...]
-        if self.skip_attention is None:
+        if not self.polarity_pools:
             pooled, weights = self.target_attention(tokens, cand, mask, att_user)
         else:
-            click_mask, skip_mask = polarity_masks(mask, polarity)
-            click, click_weights = self.target_attention(tokens, cand, click_mask, att_user)  # (N, d), (N, L)
-            skip, skip_weights = self.skip_attention(tokens, cand, skip_mask, att_user)
+            # One activation unit scores every token once (the gate or the polarity embedding tells it a click
+            # from a skip); each polarity's tokens then get their own softmax and pooled vector.
+            scores, tokens = self.target_attention.scores(tokens, cand, att_user)  # (N, L), (N, L, d)
+            click_mask, skip_mask = polarity_masks(per_candidate(mask, att_user), per_candidate(polarity, att_user))
+            click, click_weights = attention_pool(scores, click_mask, tokens)  # (N, d), (N, L)
+            skip, skip_weights = attention_pool(scores, skip_mask, tokens)
             pooled, weights = (click, skip), pooled_attention(click_weights, skip_weights)
         return target_head_logits(self.head, pooled, cand, self.scaled_stats(stats), cand_user), weights

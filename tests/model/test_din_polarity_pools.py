@@ -23,14 +23,13 @@ def _din(variant: str, pools: bool, seed: int = 0) -> DIN:
 
 
 def _pools(model: DIN, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The pooled vectors (N, d) of the click and the skip unit for inputs x."""
+    """The click and the skip pool (N, d) for inputs x, as the head reads them ([click, skip, cand, ...])."""
     seen: dict[str, torch.Tensor] = {}
-    assert model.skip_attention is not None
-    hooks = [unit.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out[0]))
-             for name, unit in (("click", model.target_attention), ("skip", model.skip_attention))]
+    d = model.config.d_model
+    hook = model.head.register_forward_pre_hook(
+        lambda _m, args: seen.update(click=args[0][:, :d], skip=args[0][:, d: 2 * d]))
     model(**x)
-    for h in hooks:
-        h.remove()
+    hook.remove()
     return seen
 
 
@@ -87,29 +86,31 @@ def test_a_history_without_one_polarity_gives_finite_logits_and_gradients(varian
     logits.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
-    # The missing polarity's pool is zeros, so its unit gets no gradient through the pooled vector.
-    empty_unit = {"clicks only": model.skip_attention, "skips only": model.target_attention}.get(history)
-    if empty_unit is not None:
-        assert empty_unit.score.weight.grad is None or not empty_unit.score.weight.grad.any()
+    # The missing polarity's pool is exactly zero; the other one is not.
+    pools = _pools(model, x)
+    for name in ("click", "skip"):
+        empty = history == "empty" or history == {"click": "skips only", "skip": "clicks only"}[name]
+        assert bool((pools[name] == 0).all()) == empty, name
 
 
 @pytest.mark.parametrize("variant", ["pos", "pos-tapf"])
 def test_positive_only_sequences_keep_the_one_pool_din(variant: str) -> None:
     one, pools = _din(variant, pools=False), _din(variant, pools=True)
-    assert pools.skip_attention is None
+    assert not pools.polarity_pools
     assert pools.state_dict().keys() == one.state_dict().keys()
     pools.load_state_dict(one.state_dict())
     x = random_inputs(3, 8)
     torch.testing.assert_close(pools(**x), one(**x))
 
 
-def test_mixed_sequences_get_a_second_unit_and_a_wider_head() -> None:
+def test_mixed_sequences_share_the_unit_and_get_a_wider_head() -> None:
     one, pools = _din("mix-tapf", pools=False), _din("mix-tapf", pools=True)
-    extra = set(pools.state_dict()) - set(one.state_dict())
-    assert extra == {f"skip_attention.{k}" for k in one.target_attention.state_dict()}
+    shapes = {k: tuple(v.shape) for k, v in one.state_dict().items()}
+    wider = {k: tuple(v.shape) for k, v in pools.state_dict().items() if shapes.get(k) != tuple(v.shape)}
     d, n_stats = 16, SPEC.n_stats
-    first = [m[0] for m in (one.head, pools.head)]
-    assert [f.in_features for f in first if isinstance(f, torch.nn.Linear)] == [3 * d + n_stats, 5 * d + n_stats]
+    assert pools.state_dict().keys() == shapes.keys()
+    assert shapes["head.0.weight"][1] == 3 * d + n_stats
+    assert wider == {"head.0.weight": (shapes["head.0.weight"][0], 5 * d + n_stats)}
 
 
 def test_a_saved_config_without_the_field_keeps_one_pool() -> None:
