@@ -585,7 +585,8 @@ def bench_din_pools_serving(n_cand: int = 500, length: int = 100, d: int = 64, r
              + ("loaded" if has_kernel else "NOT built (the kernel columns ran the function fallback)"),
              "- paths as in *Whole model per request*: function / kernel = the bundle's graph (gate one `TAPFGate` "
              "node, then both pools in stock ops) without / with the fused kernel; fused = `--fuse-pooling`, one "
-             "`TAPFGateMLPPool` node per pool (with pools the gate runs twice); probs = the probability-only graph",
+             "`TAPFGateMLPPool` node per pool, each gating and scoring only its polarity's tokens (the kernel "
+             "skips the tokens its mask drops); probs = the probability-only graph",
              "", f"| path | one pool, wall {THREADS} threads (ms) | pools, wall (ms) | pools / one pool "
              "| one pool, CPU 1 thread (ms) | pools, CPU (ms) | pools / one pool |", "|---|---|---|---|---|---|---|"]
     for kind in _BUNDLE_KINDS:
