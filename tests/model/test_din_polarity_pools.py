@@ -114,10 +114,13 @@ def test_mixed_sequences_share_the_unit_and_get_a_wider_head() -> None:
 
 
 def test_a_saved_config_without_the_field_keeps_one_pool() -> None:
-    """Checkpoints saved before `polarity_pools` existed have options {"attention_hidden": ...} only."""
-    saved = ModelConfig(arch="din", seq_variant="mix-tapf").to_dict()
-    assert saved["options"].pop("polarity_pools") is False
-    assert ModelConfig.from_dict(saved).arch_options(DINOptions).polarity_pools is False
-    on = ModelConfig.from_dict({"arch": "din", "seq_variant": "mix-tapf", "polarity_pools": True})
-    assert ModelConfig.from_dict(on.to_dict()) == on
-    assert on.arch_options(DINOptions).polarity_pools is True
+    """New DIN configs pool by polarity; a checkpoint's config written before the option existed has options
+    {"attention_hidden": ...} only, and `from_saved` rebuilds it with the one pool it was trained with."""
+    fresh = ModelConfig.from_dict({"arch": "din", "seq_variant": "mix-tapf"})
+    assert fresh.arch_options(DINOptions).polarity_pools is True
+    saved = fresh.to_dict()
+    assert saved["options"].pop("polarity_pools") is True
+    assert ModelConfig.from_saved(saved).arch_options(DINOptions).polarity_pools is False
+    assert ModelConfig.from_dict(saved).arch_options(DINOptions).polarity_pools is True  # a new config: default
+    for config in (fresh, ModelConfig.from_dict({"arch": "din", "seq_variant": "mix-tapf", "polarity_pools": False})):
+        assert ModelConfig.from_saved(config.to_dict()) == config
