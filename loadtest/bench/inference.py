@@ -284,12 +284,13 @@ def gemm_peak_gflops(threads: int = THREADS) -> dict[str, float]:
     return out
 
 
-def _random_model(arch: str, seq: str, length: int, d: int, *, polarity_pools: bool = False
+def _random_model(arch: str, seq: str, length: int, d: int, *, polarity_pools: bool | None = None
                   ) -> tuple[nn.Module, FeatureSpec]:
+    """A randomly initialised model of the default config; polarity_pools: DIN's option (None: its default)."""
     torch.manual_seed(0)
     spec = FeatureSpec(sequence=SequenceSpec(seq_len=length), n_items=20_002, n_categories=52,
                        event_types=("<pad>", "click", "negative", "positive", "skip"), event_polarity=(0, 1, -1, 1, -1))
-    options = DINOptions(polarity_pools=polarity_pools) if arch == "din" else None
+    options = DINOptions(polarity_pools=polarity_pools) if polarity_pools is not None else None
     return build_model(ModelConfig(arch=arch, seq_variant=seq, d_model=d, options=options), spec).eval(), spec
 
 
