@@ -244,7 +244,6 @@ class ModelConfig:
         cfg: ModelConfig = from_dict_strict(cls, {**data, "options": from_dict_strict(kind, options)})
         return cfg
 
-
     @classmethod
     def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
         """A config that `to_dict` wrote (a checkpoint's). `to_dict` writes every option of the arch, so an option
