@@ -113,8 +113,9 @@ def export_onnx(served: ServingModel, spec: FeatureSpec, *, expected_gates: int)
         raise ExportError("the ONNX exporter returned no program")
     model = program.model
     gates = [n for n in ir_nodes(model.graph) if n.domain == TAPF_DOMAIN and n.op_type in TAPF_GATE_OPS]
-    if len(gates) != expected_gates:
-        raise ExportError(f"expected {expected_gates} {TAPF_DOMAIN} gate node(s) (one of {TAPF_GATE_OPS}), the "
+    if len(gates) != expected_gates * served.gate_passes:
+        raise ExportError(f"expected {expected_gates * served.gate_passes} {TAPF_DOMAIN} gate node(s) (one of "
+                          f"{TAPF_GATE_OPS}; {expected_gates} gate(s), {served.gate_passes} pass(es) each), the "
                           f"exported graph has "
                           f"{len(gates)}: the gate was not exported through the tapf::gate custom op")
     if expected_gates:

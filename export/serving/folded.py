@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.gate_pooling import tapf_gate_dot_pool, tapf_gate_mlp_pool
-from model.modules.attention import TargetAttention, masked_softmax
+from model.modules.attention import TargetAttention, attention_pool
 from model.modules.gather import per_candidate
 from model.modules.polarity_gate import TAPFGate, tapf_gate
 
@@ -81,13 +81,18 @@ class FoldedTargetAttention(nn.Module):
                                              self.w_product, bias, self.w_score.squeeze(-1))
         return pooled, weights
 
-    def forward(self, tokens: Tensor, cand: Tensor, mask: Tensor, cand_user: Tensor | None = None
-                ) -> tuple[Tensor, Tensor]:
-        """tokens (N, L, d), or (U, L, d) with cand_user (N,); cand (N, d) -> pooled (N, d), weights (N, L)."""
+    def scores(self, tokens: Tensor, cand: Tensor, cand_user: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """As `TargetAttention.scores` (without the score bias, which no softmax sees): tokens (N, L, d), or
+        (U, L, d) with cand_user (N,); cand (N, d) -> scores (N, L), tokens per candidate (N, L, d)."""
         if cand_user is not None:
-            tokens, mask = per_candidate(tokens, cand_user), per_candidate(mask, cand_user)
+            tokens = per_candidate(tokens, cand_user)
         per_cand = self.w_token + cand.unsqueeze(-1) * self.w_product  # (N, d, h)
         bias = self.target(cand) + self.token_bias  # (N, h)
         hidden = torch.bmm(tokens, per_cand) + bias.unsqueeze(1)  # (N, L, h)
-        weights = masked_softmax(torch.matmul(F.silu(hidden), self.w_score).squeeze(-1), mask)  # (N, L)
-        return torch.einsum("nl,nld->nd", weights, tokens), weights
+        return torch.matmul(F.silu(hidden), self.w_score).squeeze(-1), tokens
+
+    def forward(self, tokens: Tensor, cand: Tensor, mask: Tensor, cand_user: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """tokens (N, L, d), or (U, L, d) with cand_user (N,); cand (N, d) -> pooled (N, d), weights (N, L)."""
+        scores, tokens = self.scores(tokens, cand, cand_user)  # (N, L), (N, L, d)
+        return attention_pool(scores, per_candidate(mask, cand_user), tokens)

@@ -14,7 +14,7 @@ from export.serving.folded import FoldedTAPFGate, FoldedTargetAttention
 from export.serving.onetrans import ServingOneTrans
 from export.serving.unified import SERVING_MODULES, ServingQueryTokenCTR
 from model.models.ctr_model import SequenceCTRModel
-from model.models.din import DIN, target_head_logits
+from model.models.din import DIN, polarity_masks, pooled_attention, target_head_logits
 from model.models.onetrans import OneTrans
 from model.models.transformer import TransformerCTR
 from model.models.unified import QueryTokenCTR
@@ -25,11 +25,14 @@ from model.modules.polarity_gate import TAPFGate
 class ServingTargetAttentionCTR(nn.Module):
     """`DIN.score` / `TransformerCTR.score` (encoded placement) for serving: the TAPF gate and the target attention
     that pools its output run as one op (`FoldedTargetAttention.gated_pool`), so the (N, L, d) gated tokens are
-    never materialised. Same inputs and outputs as `score`: logits (N,), attention (N, L)."""
+    never materialised. Same inputs and outputs as `score`: logits (N,), attention (N, L). DIN with polarity pools
+    runs that op once per pool, with the pool's polarity mask."""
 
     def __init__(self, model: SequenceCTRModel) -> None:
         super().__init__()
         self.model = model
+        # DIN's polarity pools: one fused gate-and-pool node per pool, so the gate runs once per pool.
+        self.gate_passes = 2 if isinstance(model, DIN) and model.polarity_pools else 1
 
     def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
                 cand_user: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,11 +43,21 @@ class ServingTargetAttentionCTR(nn.Module):
             seq, gate_cand = m.encoder(tokens, mask), m.cand_norm(cand)  # (U, L, d) once per user
         else:
             seq, gate_cand = tokens, cand  # DIN has no encoder
-        pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
+        pooled: Tensor | tuple[Tensor, ...]
+        if isinstance(m, DIN) and m.polarity_pools:
+            # One fused node per polarity pool, each with its polarity's mask (the kernel gates and scores only
+            # the tokens its mask keeps); the gated tokens are still never materialised.
+            click_mask, skip_mask = polarity_masks(mask, polarity)  # (U, L) each
+            click, click_weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, click_mask, cand)
+            skip, skip_weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, skip_mask, cand)
+            pooled, weights = (click, skip), pooled_attention(click_weights, skip_weights)
+        else:
+            pooled, weights = att.gated_pool(gate, seq, polarity, gate_cand, cand_user, mask, cand)  # (N, d), (N, L)
         return target_head_logits(cast(nn.Module, m.head), pooled, cand, m.scaled_stats(stats), cand_user), weights
 
 ATTENTION_SOURCES = {
-    "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens",
+    "din": "DIN target attention of the candidate over the L (TAPF-gated) behaviour tokens; with polarity_pools, "
+           "the mean of the click pool's and the skip pool's weights (of the non-empty ones)",
     "transformer": "DIN target attention of the candidate over the L encoded (TAPF-gated) tokens",
     "onetrans": "aggregation attention of the candidate's NS tokens over the S tokens (gated), averaged over the "
                 "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0",
@@ -73,6 +86,12 @@ class ServingModel(nn.Module):
         self.model = model
         self.attention = attention
         self.scorer = scorer  # a serving rewrite of `model.score` (same inputs and outputs), or None
+
+    @property
+    def gate_passes(self) -> int:
+        """TAPF gate nodes the exported graph holds per gate of the model: 1, or one per pool where a serving
+        rewrite fuses the gate into each of several pools (DIN's polarity pools with fuse_pooling)."""
+        return self.scorer.gate_passes if isinstance(self.scorer, ServingTargetAttentionCTR) else 1
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -50,7 +50,7 @@ from loadtest.bench.report import section_header
 from model.features.inputs import INPUT_NAMES, InputArrays
 from model.features.spec import FeatureSpec, SequenceSpec
 from model.models import build_model
-from model.models.config import ModelConfig
+from model.models.config import DINOptions, ModelConfig
 from model.modules.polarity_gate import TAPFGate
 
 THREADS = 2
@@ -284,11 +284,14 @@ def gemm_peak_gflops(threads: int = THREADS) -> dict[str, float]:
     return out
 
 
-def _random_model(arch: str, seq: str, length: int, d: int) -> tuple[nn.Module, FeatureSpec]:
+def _random_model(arch: str, seq: str, length: int, d: int, *, polarity_pools: bool | None = None
+                  ) -> tuple[nn.Module, FeatureSpec]:
+    """A randomly initialised model of the default config; polarity_pools: DIN's option (None: its default)."""
     torch.manual_seed(0)
     spec = FeatureSpec(sequence=SequenceSpec(seq_len=length), n_items=20_002, n_categories=52,
                        event_types=("<pad>", "click", "negative", "positive", "skip"), event_polarity=(0, 1, -1, 1, -1))
-    return build_model(ModelConfig(arch=arch, seq_variant=seq, d_model=d), spec).eval(), spec
+    options = DINOptions(polarity_pools=polarity_pools) if polarity_pools is not None else None
+    return build_model(ModelConfig(arch=arch, seq_variant=seq, d_model=d, options=options), spec).eval(), spec
 
 
 def _per_candidate(x: InputArrays) -> InputArrays:
@@ -545,10 +548,60 @@ def node_profile(model_path: Path, feed: dict[str, np.ndarray], *, kernel: bool,
     return out
 
 
+def bench_din_pools_serving(n_cand: int = 500, length: int = 100, d: int = 64, rounds: int = 3) -> str:
+    """Serving cost of DIN's polarity pools (`DINOptions.polarity_pools`): the same request through the bundle's
+    graphs of DIN mix-tapf with one pool and with one pool per polarity (random weights)."""
+    load_before = _load()
+    has_kernel = kernel_library_path() is not None
+    sessions: dict[tuple[bool, str, int], Any] = {}
+    feed: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for pools in (False, True):
+            model, spec = _random_model("din", "mix-tapf", length, d, polarity_pools=pools)
+            feed = random_inputs(spec, n_users=1, n_candidates=n_cand, seed=0).as_dict()
+            bundle = export_onnx(ServingModel.from_trained(model), spec, expected_gates=1)
+            paths = {"bundle": _save(bundle, Path(tmp) / f"model-{pools}.onnx"),
+                     "fused": _save(export_onnx(ServingModel.from_trained(model, fuse_pooling=True), spec,
+                                                expected_gates=1), Path(tmp) / f"fused-{pools}.onnx"),
+                     "probs": _save(probability_only(bundle), Path(tmp) / f"probs-{pools}.onnx")}
+            graphs = {"function": (paths["bundle"], False), "kernel": (paths["bundle"], has_kernel),
+                      "fused": (paths["fused"], has_kernel), "probs": (paths["probs"], has_kernel)}
+            for kind, (path, kernel) in graphs.items():
+                for n in (THREADS, 1):
+                    sessions[(pools, kind, n)] = _session(path, kernel=kernel, threads=n)
+    wall: dict[tuple[bool, str], float] = {}
+    cpu: dict[tuple[bool, str], float] = {}
+    for _ in range(rounds):  # interleaved rounds, min of all: a burst of load elsewhere hits both models alike
+        for kind in _BUNDLE_KINDS:
+            for pools in (False, True):
+                key = (pools, kind)
+                wall[key] = min(wall.get(key, float("inf")),
+                                _timeit(partial(sessions[(pools, kind, THREADS)].run, None, feed), reps=10))
+                cpu[key] = min(cpu.get(key, float("inf")),
+                               _cpu_ms(partial(sessions[(pools, kind, 1)].run, None, feed), reps=10))
+    lines = [section_header("DIN polarity pools: serving cost per request"),
+             f"- DIN mix-tapf, U=1 request with a full history, N={n_cand} candidates, L={length}, d={d}, random "
+             "weights; one pool (`polarity_pools` false) against one pool per polarity (true); ONNX Runtime CPU, min "
+             f"over {rounds} interleaved rounds of ≤ 10 runs; fused kernel "
+             + ("loaded" if has_kernel else "NOT built (the kernel columns ran the function fallback)"),
+             "- paths as in *Whole model per request*: function / kernel = the bundle's graph (gate one `TAPFGate` "
+             "node, then both pools in stock ops) without / with the fused kernel; fused = `--fuse-pooling`, one "
+             "`TAPFGateMLPPool` node per pool, each gating and scoring only its polarity's tokens (the kernel "
+             "skips the tokens its mask drops); probs = the probability-only graph",
+             "", f"| path | one pool, wall {THREADS} threads (ms) | pools, wall (ms) | pools / one pool "
+             "| one pool, CPU 1 thread (ms) | pools, CPU (ms) | pools / one pool |", "|---|---|---|---|---|---|---|"]
+    for kind in _BUNDLE_KINDS:
+        w0, w1, c0, c1 = wall[(False, kind)], wall[(True, kind)], cpu[(False, kind)], cpu[(True, kind)]
+        lines.append(f"| {kind} | {w0:.2f} | {w1:.2f} | {w1 / w0:.2f}× | {c0:.2f} | {c1:.2f} | {c1 / c0:.2f}× |")
+    lines.append(f"\n- load average: {load_before} before, {_load()} after")
+    return "\n".join(lines)
+
+
 def _verdict(vs_eager: float, vs_naive: float) -> str:
     eager = "met" if vs_eager >= 4 else "MISSED"
     naive = "met" if vs_naive >= 2 else "MISSED"
     return f"≥4× eager {eager}, ≥2× naive {naive}"
 
 
-BENCHES: dict[str, Callable[[], str]] = {"gate": bench_gate, "serving": bench_serving}
+BENCHES: dict[str, Callable[[], str]] = {"gate": bench_gate, "serving": bench_serving,
+                                         "din-pools-serving": bench_din_pools_serving}

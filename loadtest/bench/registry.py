@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "train": "loadtest.bench.train:bench_train_throughput",
     "gate": "loadtest.bench.inference:bench_gate",
     "serving": "loadtest.bench.inference:bench_serving",
+    "din-pools-serving": "loadtest.bench.inference:bench_din_pools_serving",
     "big_logs": "loadtest.bench.big_logs:bench_big_logs",
     "fleet": "loadtest.bench.fleet:bench_fleet",
     "http_score": "loadtest.bench.http:bench_http_score",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from model.features.spec import SpecError, from_dict_strict
 
@@ -23,6 +23,10 @@ AGGREGATE_TOKENS = ("all", "final")
 @dataclass(frozen=True, kw_only=True)
 class ArchOptions:
     """Base of every architecture's own options."""
+
+    # Options added after checkpoints were first written, whose default then changed behaviour -> the value that
+    # keeps the behaviour of a checkpoint written before the option existed (`ModelConfig.from_saved`).
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {}
 
     def check(self, config: ModelConfig) -> None:
         """Refuse (SpecError) options that do not fit the rest of the config; called by `ModelConfig`."""
@@ -37,6 +41,21 @@ class TargetAttentionOptions(ArchOptions):
     def __post_init__(self) -> None:
         if self.attention_hidden < 1:
             raise SpecError(f"attention_hidden must be >= 1, got {self.attention_hidden}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DINOptions(TargetAttentionOptions):
+    """DIN. polarity_pools: with a mixed sequence (mix-pbe, mix-tapf), one target-attention pool over the click
+    tokens and another over the skip tokens (one activation unit scores every token; each polarity has its own
+    masked softmax; an empty pool is zeros), and the head reads both, so a skip weighs in its own pool instead of
+    competing with the clicks for one softmax's mass (DFN's separate click / unclick pools). Ignored for
+    positive-only sequences (pos, pos-tapf): the model is then exactly the one-pool DIN. On by default (it won on
+    the quality-bar worlds, BENCHMARKS.md *DIN with one pool per polarity*); checkpoints written before the option
+    existed keep their one pool (`SAVED_BEFORE`)."""
+
+    polarity_pools: bool = True
+
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False}  # checkpoints before it had one pool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +145,7 @@ class SINEOptions(ArchOptions):
 
 # Architecture name -> its options class. `model.models.ARCHITECTURES` maps the same names to model classes.
 ARCH_OPTIONS: dict[str, type[ArchOptions]] = {
-    "din": TargetAttentionOptions,
+    "din": DINOptions,
     "transformer": TargetAttentionOptions,
     "onetrans": OneTransOptions,
     "dual_stream": DualStreamOptions,
@@ -224,6 +243,17 @@ class ModelConfig:
             data["head_hidden"] = tuple(data["head_hidden"])
         cfg: ModelConfig = from_dict_strict(cls, {**data, "options": from_dict_strict(kind, options)})
         return cfg
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config that `to_dict` wrote (a checkpoint's). `to_dict` writes every option of the arch, so an option
+        missing from its `options` did not exist when it was written: it takes the value that keeps the behaviour
+        the checkpoint was trained with (`ArchOptions.SAVED_BEFORE`), not today's default."""
+        data = dict(data)
+        kind = ARCH_OPTIONS.get(data.get("arch", cls.arch))
+        if kind is not None and isinstance(data.get("options"), dict):
+            data["options"] = {**kind.SAVED_BEFORE, **data["options"]}
+        return cls.from_dict(data)
 
 
 def check_value_types(cls: type, values: dict[str, Any]) -> None:

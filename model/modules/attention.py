@@ -73,6 +73,13 @@ def masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.nan_to_num(weights, nan=0.0)
 
 
+def attention_pool(scores: Tensor, mask: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """scores (N, L), mask (N, L) bool, tokens (N, L, d) -> pooled (N, d), weights (N, L): the masked softmax of the
+    scores weighs the tokens; an all-masked row gives zero weights and a zero pooled vector."""
+    weights = masked_softmax(scores, mask)  # (N, L)
+    return torch.einsum("nl,nld->nd", weights, tokens), weights
+
+
 class TargetAttention(nn.Module):
     """DIN activation unit: score_k = MLP([h_k, v, h_k - v, h_k * v]); softmax over real tokens.
 
@@ -87,6 +94,18 @@ class TargetAttention(nn.Module):
         self.product = nn.Linear(d_model, hidden, bias=False)
         self.score = nn.Linear(hidden, 1)
 
+    def scores(self, tokens: Tensor, cand: Tensor, cand_user: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The activation unit's score of every token for each candidate, before the softmax.
+
+        tokens (N, L, d) per candidate, or (U, L, d) per user with cand_user (N,); cand (N, d)
+        -> scores (N, L), the tokens per candidate (N, L, d).
+        """
+        token_hidden = self.token(tokens)  # (U or N, L, h)
+        if cand_user is not None:
+            tokens, token_hidden = per_candidate(tokens, cand_user), per_candidate(token_hidden, cand_user)
+        hidden = token_hidden + self.target(cand).unsqueeze(1) + self.product(tokens * cand.unsqueeze(1))
+        return self.score(F.silu(hidden)).squeeze(-1), tokens
+
     def forward(self, tokens: Tensor, cand: Tensor, mask: Tensor, cand_user: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
         """Pool tokens for each candidate.
@@ -94,10 +113,5 @@ class TargetAttention(nn.Module):
         tokens (N, L, d) per candidate, or (U, L, d) per user with cand_user (N,); cand (N, d);
         mask like tokens without d -> pooled (N, d), weights (N, L).
         """
-        token_hidden = self.token(tokens)  # (U or N, L, h)
-        if cand_user is not None:
-            tokens, mask = per_candidate(tokens, cand_user), per_candidate(mask, cand_user)
-            token_hidden = per_candidate(token_hidden, cand_user)
-        hidden = token_hidden + self.target(cand).unsqueeze(1) + self.product(tokens * cand.unsqueeze(1))
-        weights = masked_softmax(self.score(F.silu(hidden)).squeeze(-1), mask)  # (N, L)
-        return torch.einsum("nl,nld->nd", weights, tokens), weights
+        scores, tokens = self.scores(tokens, cand, cand_user)  # (N, L), (N, L, d)
+        return attention_pool(scores, per_candidate(mask, cand_user), tokens)

@@ -37,6 +37,7 @@ from export.reference import ExportError, load_run, random_inputs, reference_out
 from export.tapf_onnx import TAPF_DOMAIN, TAPF_DOT_POOL_OP, TAPF_MLP_POOL_OP, TAPF_OP
 from model.features.inputs import INPUT_NAMES, InputArrays
 from model.features.spec import FeatureSpec, SequenceSpec
+from model.models.config import DINOptions
 from model.training.batches import to_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,9 @@ VARIANTS = {"onetrans": ("onetrans", "mix-tapf"), "din": ("din", "mix-tapf"),
             "transformer": ("transformer", "mix-tapf"), "transformer-pbe": ("transformer", "mix-pbe"),
             "hyformer": ("hyformer", "mix-tapf"), "hyformer-pbe": ("hyformer", "mix-pbe"),
             "mixformer": ("mixformer", "mix-tapf"), "mixformer-pbe": ("mixformer", "mix-pbe"),
-            "sine": ("sine", "mix-pbe")}
+            "sine": ("sine", "mix-pbe"), "din-pbe": ("din", "mix-pbe"), "din-one-pool": ("din", "mix-tapf")}
+# Bundle name -> its --model-overrides (DIN pools clicks and skips separately by default; this one pools them as one).
+OVERRIDES: dict[str, dict[str, object]] = {"din-one-pool": {"polarity_pools": False}}
 GATED = [name for name, (_, seq) in VARIANTS.items() if seq.endswith("tapf")]
 SEQ_LEN, D_MODEL = 10, 16
 
@@ -73,7 +76,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Exp
         for name, (arch, seq) in VARIANTS.items():
             run_dir = root / f"run_{name}"
             train(TrainConfig(data=str(log), arch=arch, seq=seq, seq_len=SEQ_LEN, d_model=D_MODEL, batch_size=256,
-                              max_train_samples=1500, threads=1), out=run_dir, progress=False)
+                              max_train_samples=1500, threads=1, model_overrides=OVERRIDES.get(name, {})),
+                  out=run_dir, progress=False)
             bundle = export_bundle(run_dir, root / f"bundle_{name}", optimize=True)
             out[name] = Exported(arch, run_dir, bundle)
     finally:
@@ -262,7 +266,8 @@ def test_fuse_pooling_export_is_one_pooling_node_with_parity(exported: dict[str,
     onnx.checker.check_model(model)
     # The query-token archs end in OneTrans's dot-product read-out; DIN and the Transformer in target attention.
     pooling = TAPF_DOT_POOL_OP if arch.startswith(("onetrans", "hyformer", "mixformer")) else TAPF_MLP_POOL_OP
-    assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [pooling]
+    n_pools = 2 if getattr(load_run(ex.run_dir).model, "polarity_pools", False) else 1  # one node per DIN pool
+    assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [pooling] * n_pools
     functions = {(f.domain, f.name): f for f in model.functions}
     assert set(functions) == {(TAPF_DOMAIN, TAPF_OP), (TAPF_DOMAIN, pooling)}
     pool_body = functions[(TAPF_DOMAIN, pooling)]
@@ -499,6 +504,24 @@ def test_unrepresentable_checkpoint_is_refused(exported: dict[str, Exported], tm
     with pytest.raises(ExportError, match=message):
         export_bundle(run_dir, tmp_path / "bundle")
     assert not (tmp_path / "bundle").exists()  # nothing half-written
+
+
+def _saved_before_polarity_pools(ckpt: dict) -> None:  # type: ignore[type-arg]
+    del ckpt["model_config"]["options"]["polarity_pools"]  # as a trainer wrote it before the option existed
+
+
+def test_a_checkpoint_from_before_polarity_pools_keeps_its_one_pool(exported: dict[str, Exported],
+                                                                   tmp_path: Path) -> None:
+    """A DIN checkpoint without the `polarity_pools` key (one pool over clicks and skips) loads as what it was
+    trained as, although new runs default to the pools, and exports with parity."""
+    run_dir = _doctored_run(exported["din-one-pool"].run_dir, tmp_path / "run", _saved_before_polarity_pools)
+    run = load_run(run_dir)
+    assert run.model_config.arch_options(DINOptions).polarity_pools is False
+    assert load_run(exported["din"].run_dir).model_config.arch_options(DINOptions).polarity_pools is True
+    assert not getattr(run.model, "polarity_pools", True)
+    report = check_parity(run_dir, export_bundle(run_dir, tmp_path / "bundle"), n_requests=1, max_candidates=50,
+                          kernel=False)
+    assert report.passed, report.summary()
 
 
 def test_not_a_run_directory_is_refused(tmp_path: Path) -> None:
