@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from model.features.spec import SpecError, from_dict_strict
 
@@ -49,6 +49,13 @@ class OneTransOptions(ArchOptions):
     aggregate: str = "all"
     # Encoded placement: TAPF gates each encoded token plus its own RMS-normalised input token.
     gate_token_skip: bool = True
+    # The NS tokens' final aggregation: False = one softmax over all S tokens (clicks and skips compete for one
+    # attention mass, so the model can put ~none on skips); True = one softmax over the click tokens and one over
+    # the skip tokens, each with its own query and output projection (DFN-style polarity-separated pooling).
+    polarity_pools: bool = False
+    # Fields added after checkpoints were saved: the value a saved options dict without the field means (what that
+    # checkpoint was trained with), where it differs from the default for new models (`ModelConfig.from_dict`).
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False}
 
     def __post_init__(self) -> None:
         if self.n_ns_tokens < 1:
@@ -201,9 +208,11 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+    def from_dict(cls, data: dict[str, Any], *, saved: bool = False) -> ModelConfig:
         """Strict: keys are ModelConfig's fields, `options` a dict of the arch's options. An arch option may
-        also be given at the top level (`--model-overrides '{"aggregate": "final"}'`); it joins `options`."""
+        also be given at the top level (`--model-overrides '{"aggregate": "final"}'`); it joins `options`.
+        saved: `data` was written by `to_dict` into a checkpoint; an option field it lacks was added later and
+        takes the value that keeps the old behaviour (the options class's `SAVED_BEFORE`), not today's default."""
         data = dict(data)
         arch = data.get("arch", cls.arch)
         if arch not in ARCH_OPTIONS:
@@ -212,6 +221,8 @@ class ModelConfig:
         shared = {f.name for f in dataclasses.fields(cls)}
         own = {f.name for f in dataclasses.fields(kind)}
         options = dict(data.pop("options", None) or {})
+        if saved:
+            options = {**getattr(kind, "SAVED_BEFORE", {}), **options}
         unknown = sorted(k for k in data if k not in shared and k not in own)
         if unknown:
             raise SpecError(f"ModelConfig: unknown key(s) {unknown} for arch {arch!r}; known keys are "

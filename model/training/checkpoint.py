@@ -90,7 +90,7 @@ def load_checkpoint(run_dir: Path | str) -> LoadedRun:
     """Rebuild a trained model from its run directory with no other input."""
     ckpt = _read(Path(run_dir) / CHECKPOINT)
     spec = FeatureSpec.from_dict(ckpt["feature_spec"])
-    mcfg = ModelConfig.from_dict(ckpt["model_config"])
+    mcfg = ModelConfig.from_dict(ckpt["model_config"], saved=True)
     model = build_model(mcfg, spec)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()

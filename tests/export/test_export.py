@@ -41,12 +41,16 @@ from model.training.batches import to_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 # Bundle name -> (arch, seq variant): every arch with the TAPF gate, and some without a gate.
-VARIANTS = {"onetrans": ("onetrans", "mix-tapf"), "din": ("din", "mix-tapf"),
+VARIANTS = {"onetrans": ("onetrans", "mix-tapf"), "onetrans-pools": ("onetrans", "mix-tapf"),
+            "din": ("din", "mix-tapf"),
             "transformer": ("transformer", "mix-tapf"), "transformer-pbe": ("transformer", "mix-pbe"),
             "hyformer": ("hyformer", "mix-tapf"), "hyformer-pbe": ("hyformer", "mix-pbe"),
             "mixformer": ("mixformer", "mix-tapf"), "mixformer-pbe": ("mixformer", "mix-pbe"),
             "sine": ("sine", "mix-pbe")}
 GATED = [name for name, (_, seq) in VARIANTS.items() if seq.endswith("tapf")]
+# Model fields beyond the defaults; "onetrans-pools": one aggregation pool per polarity (OneTrans `polarity_pools`).
+OVERRIDES: dict[str, dict[str, object]] = {"onetrans": {"polarity_pools": False},
+                                           "onetrans-pools": {"polarity_pools": True}}
 SEQ_LEN, D_MODEL = 10, 16
 
 
@@ -73,7 +77,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Exp
         for name, (arch, seq) in VARIANTS.items():
             run_dir = root / f"run_{name}"
             train(TrainConfig(data=str(log), arch=arch, seq=seq, seq_len=SEQ_LEN, d_model=D_MODEL, batch_size=256,
-                              max_train_samples=1500, threads=1), out=run_dir, progress=False)
+                              max_train_samples=1500, threads=1, model_overrides=OVERRIDES.get(name, {})),
+                  out=run_dir, progress=False)
             bundle = export_bundle(run_dir, root / f"bundle_{name}", optimize=True)
             out[name] = Exported(arch, run_dir, bundle)
     finally:
@@ -262,6 +267,7 @@ def test_fuse_pooling_export_is_one_pooling_node_with_parity(exported: dict[str,
     onnx.checker.check_model(model)
     # The query-token archs end in OneTrans's dot-product read-out; DIN and the Transformer in target attention.
     pooling = TAPF_DOT_POOL_OP if arch.startswith(("onetrans", "hyformer", "mixformer")) else TAPF_MLP_POOL_OP
+    # OneTrans with `polarity_pools` pools the clicks and the skips through the same one node.
     assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [pooling]
     functions = {(f.domain, f.name): f for f in model.functions}
     assert set(functions) == {(TAPF_DOMAIN, TAPF_OP), (TAPF_DOMAIN, pooling)}
