@@ -10,10 +10,10 @@
 - TAPF ("encoded" placement) gates the S tokens per candidate, each at its last pyramid state
   (`aggregate="all"`) or only the ones the last layer kept (`"final"`); the NS tokens aggregate the
   gated tokens with dot-product attention and the head reads the final NS tokens.
-- The aggregation is one softmax over all S tokens, or with `polarity_pools` one over the click tokens and one
-  over the skip tokens, each with its own query and output projection (as DFN pools click and unclick
-  sequences separately): skips then always get an attention mass of their own, so "skipped items like this
-  candidate" can move the score however many clicks the history holds.
+- The aggregation is one softmax over all S tokens, or with `polarity_pools` (the default for a mixed sequence)
+  one over the click tokens and one over the skip tokens, each with its own query and output projection (as DFN
+  pools click and unclick sequences separately): skips then always get an attention mass of their own, so
+  "skipped items like this candidate" can move the score however many clicks the history holds.
 - `run_stages` is the one control flow; the NS-token layout and the pooling are stage methods, which the
   serving rewrite (`export.serving.onetrans`) replaces without repeating the flow.
 """
@@ -103,7 +103,9 @@ class OneTrans(SequenceCTRModel):
         self.ns_norm = RMSNorm(d)
         self.agg_query = nn.Linear(d, d, bias=False)
         self.agg_out = nn.Linear(d, d, bias=False)
-        if self.options.polarity_pools:  # the skip tokens' own pool (the pair above then pools the clicks)
+        # The skip tokens' own pool (the pair above then pools the clicks); a positive-only sequence has no skips.
+        self.polarity_pools = self.options.polarity_pools and config.seq_variant.startswith("mix")
+        if self.polarity_pools:
             self.agg_query_neg = nn.Linear(d, d, bias=False)
             self.agg_out_neg = nn.Linear(d, d, bias=False)
         self.head = MLP(d_in=t * d, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
@@ -166,7 +168,7 @@ class OneTrans(SequenceCTRModel):
         ns = stages.pooling_ns(ns)  # (N, T, d)
         normed, scale = self.ns_norm(ns), math.sqrt(ns.shape[-1])
         queries, masks, outs = [self.agg_query(normed) / scale], [s_mask], [self.agg_out]  # query (N, T, d)
-        if self.options.polarity_pools:  # one pool over the clicks, one over the skips (masks (B, La))
+        if self.polarity_pools:  # one pool over the clicks, one over the skips (masks (B, La))
             queries.append(self.agg_query_neg(normed) / scale)
             masks, outs = [s_mask & (s_polarity > 0), s_mask & (s_polarity < 0)], [self.agg_out, self.agg_out_neg]
         if gate:

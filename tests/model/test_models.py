@@ -78,7 +78,9 @@ def test_onetrans_aggregates_every_token_or_only_the_pyramids_last(aggregate: st
                                     options=OneTransOptions(aggregate=aggregate)),
                         SPEC).eval()
     x = random_inputs(2, 6)
-    x["seq_mask"][:] = True  # full histories: every position is a real token
+    x["seq_mask"][:] = True  # full histories: every position is a real token (a click where it was padding)
+    x["seq_polarity"] = torch.where(x["seq_polarity"] == 0, 1, x["seq_polarity"])
+    x["seq_event"] = torch.where(x["seq_polarity"] > 0, 1, 2)
     weights = model.attention(**x)  # (N, L)
     kept = model.queries[-1]
     assert (weights[:, -kept:] > 0).all()
@@ -186,3 +188,7 @@ def test_onetrans_polarity_pools_option_is_saved_and_changes_the_score() -> None
     assert not result.missing_keys and set(result.unexpected_keys) == {"agg_query_neg.weight", "agg_out_neg.weight"}
     x = random_inputs(2, 5)
     assert not torch.allclose(model(**x), one(**x))
+    # A positive-only sequence has no skips to pool: no skip pool, whatever the option says.
+    pos = build_model(ModelConfig(arch="onetrans", seq_variant="pos", d_model=16), SPEC)
+    assert pos.options.polarity_pools and not any(name.startswith("agg_query_neg") for name, _ in
+                                                   pos.named_parameters())
