@@ -60,7 +60,9 @@ ATTENTION_SOURCES = {
            "the mean of the click pool's and the skip pool's weights (of the non-empty ones)",
     "transformer": "DIN target attention of the candidate over the L encoded (TAPF-gated) tokens",
     "onetrans": "aggregation attention of the candidate's NS tokens over the S tokens (gated), averaged over the "
-                "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0",
+                "NS tokens; with aggregate='final' the positions the pyramid dropped (the oldest) are 0; with "
+                "polarity_pools one softmax over the clicks and one over the skips, halved where both are present "
+                "so a row sums to 1",
     "dual_stream": "target attention of each polarity stream over its own tokens, halved so a row sums to 1",
     "hyformer": "read-out attention of the candidate's global and non-sequential tokens over the final (gated) "
                 "sequence states, averaged over the tokens",

@@ -91,7 +91,8 @@ class ServingOneTrans(nn.Module):
     """`OneTrans.score` for serving (encoded TAPF placement or no gate): the trained model's own control flow
     (`OneTrans.run_stages`) with serving stages. The NS stack runs in (T, N, d) layout through
     `ServingNSTokenBlock`s, reading each layer's S keys/values per user, never per candidate; the aggregation is
-    one MatMul per candidate, or with `fuse_pooling` one `tapf::gate_dot_pool` op with the gate."""
+    one MatMul per candidate and pool, or with `fuse_pooling` one `tapf::gate_dot_pool` op with the gate (for
+    both pools of `polarity_pools` at once)."""
 
     split_w: Tensor
     split_b: Tensor
@@ -135,20 +136,30 @@ class ServingOneTrans(nn.Module):
     def pooling_ns(self, ns: Tensor) -> Tensor:
         return ns.transpose(0, 1)  # (T, N, d) -> (N, T, d)
 
-    def pool(self, query: Tensor, s: Tensor, s_mask: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
+    def pools(self, queries: list[Tensor], s: Tensor, masks: list[Tensor], cand_user: Tensor | None
+              ) -> list[tuple[Tensor, Tensor]]:
         agg = per_candidate(s, cand_user)  # (N, La, d)
-        return masked_pool(torch.matmul(query, agg.transpose(1, 2)), per_candidate(s_mask, cand_user)[:, None, :],
-                           agg)
+        return [masked_pool(torch.matmul(q, agg.transpose(1, 2)), per_candidate(m, cand_user)[:, None, :], agg)
+                for q, m in zip(queries, masks, strict=True)]
 
-    def gated_pool(self, query: Tensor, gate_in: Tensor, polarity: Tensor, gate_cand: Tensor, cand_user: Tensor,
-                   s_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def gated_pools(self, queries: list[Tensor], gate_in: Tensor, polarity: Tensor, gate_cand: Tensor,
+                    cand_user: Tensor, masks: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         gate = cast(FoldedTAPFGate, self.model.gate)
         if self.fuse_pooling:
-            # Gate and aggregation in one op: the (N, La, d) gated tokens are never materialised.
-            return gate.dot_pool(gate_in, polarity, gate_cand, cand_user, s_mask, query)
+            # Gate and aggregation in one op: the (N, La, d) gated tokens are never materialised. With several
+            # pools (`polarity_pools`: clicks, skips) the one op reads k copies of the users, copy i under mask i,
+            # and k copies of the candidates, copy i with query i and reading user copy i: still one node (the
+            # exporter counts one per gate), the gate computed once per candidate and pool.
+            if len(queries) == 1:
+                return [gate.dot_pool(gate_in, polarity, gate_cand, cand_user, masks[0], queries[0])]
+            k, n_users, n = len(queries), gate_in.shape[0], gate_cand.shape[0]
+            users = torch.cat([cand_user + i * n_users for i in range(k)])  # (k*N,) into the (k*U) copies
+            pooled, weights = gate.dot_pool(gate_in.repeat(k, 1, 1), polarity.repeat(k, 1), gate_cand.repeat(k, 1),
+                                            users, torch.cat(masks), torch.cat(queries))  # (k*N, T, d), (k*N, T, La)
+            return [(pooled[i * n:(i + 1) * n], weights[i * n:(i + 1) * n]) for i in range(k)]
         agg = gate(gate_in, polarity, gate_cand, cand_user)  # (N, La, d)
-        return masked_pool(torch.matmul(query, agg.transpose(1, 2)), per_candidate(s_mask, cand_user)[:, None, :],
-                           agg)
+        return [masked_pool(torch.matmul(q, agg.transpose(1, 2)), per_candidate(m, cand_user)[:, None, :], agg)
+                for q, m in zip(queries, masks, strict=True)]
 
     def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
                 cand_user: Tensor) -> tuple[Tensor, Tensor]:

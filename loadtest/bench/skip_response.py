@@ -41,6 +41,13 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo": ("demo-sized (`polarity demo`: L=20, d=32, batch 256, lr 2e-3, 100k training samples)",
              {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000}),
     "l100": ("`polarity train` default (L=100, d=64, the whole training part)", {}),
+    # OneTrans's aggregation with one pool per polarity (`polarity_pools`) against one pool (issue 19).
+    "demo-pools": ("demo-sized, one aggregation pool per polarity (`polarity_pools=true`)",
+                   {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
+                    "model_overrides": {"polarity_pools": True}}),
+    "demo-one-pool": ("demo-sized, one aggregation pool over clicks and skips (`polarity_pools=false`)",
+                      {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
+                       "model_overrides": {"polarity_pools": False}}),
 }
 
 

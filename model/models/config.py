@@ -68,6 +68,14 @@ class OneTransOptions(ArchOptions):
     aggregate: str = "all"
     # Encoded placement: TAPF gates each encoded token plus its own RMS-normalised input token.
     gate_token_skip: bool = True
+    # The NS tokens' final aggregation: False = one softmax over all S tokens (clicks and skips compete for one
+    # attention mass, and trained models leave the skips next to none); True = one softmax over the click tokens
+    # and one over the skip tokens, each with its own query and output projection (polarity-separated pooling, as
+    # DFN pools its feedback sequences). Mixed sequences only: a positive-only sequence has no skips to pool.
+    # BENCHMARKS.md *OneTrans: one aggregation pool per polarity*: skip response 91% vs 73% of users, 3 seeds.
+    polarity_pools: bool = True
+
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False}  # checkpoints before it had one pool
 
     def __post_init__(self) -> None:
         if self.n_ns_tokens < 1:
@@ -222,7 +230,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Strict: keys are ModelConfig's fields, `options` a dict of the arch's options. An arch option may
-        also be given at the top level (`--model-overrides '{"aggregate": "final"}'`); it joins `options`."""
+        also be given at the top level (`--model-overrides '{"aggregate": "final"}'`); it joins `options`.
+        A checkpoint's config goes through `from_saved` instead."""
         data = dict(data)
         arch = data.get("arch", cls.arch)
         if arch not in ARCH_OPTIONS:

@@ -10,6 +10,10 @@
 - TAPF ("encoded" placement) gates the S tokens per candidate, each at its last pyramid state
   (`aggregate="all"`) or only the ones the last layer kept (`"final"`); the NS tokens aggregate the
   gated tokens with dot-product attention and the head reads the final NS tokens.
+- The aggregation is one softmax over all S tokens, or with `polarity_pools` (the default for a mixed sequence)
+  one over the click tokens and one over the skip tokens, each with its own query and output projection (as DFN
+  pools click and unclick sequences separately): skips then always get an attention mass of their own, so
+  "skipped items like this candidate" can move the score however many clicks the history holds.
 - `run_stages` is the one control flow; the NS-token layout and the pooling are stage methods, which the
   serving rewrite (`export.serving.onetrans`) replaces without repeating the flow.
 """
@@ -99,6 +103,11 @@ class OneTrans(SequenceCTRModel):
         self.ns_norm = RMSNorm(d)
         self.agg_query = nn.Linear(d, d, bias=False)
         self.agg_out = nn.Linear(d, d, bias=False)
+        # The skip tokens' own pool (the pair above then pools the clicks); a positive-only sequence has no skips.
+        self.polarity_pools = self.options.polarity_pools and config.seq_variant.startswith("mix")
+        if self.polarity_pools:
+            self.agg_query_neg = nn.Linear(d, d, bias=False)
+            self.agg_out_neg = nn.Linear(d, d, bias=False)
         self.head = MLP(d_in=t * d, hidden=config.head_hidden, d_out=1, dropout=config.dropout)
 
     # ------------------------------------------------------------------------------------------- stages
@@ -123,15 +132,20 @@ class OneTrans(SequenceCTRModel):
         """The NS tokens in (N, T, d) for the aggregation (the layout `ns_layer` keeps them in -> (N, T, d))."""
         return ns
 
-    def pool(self, query: Tensor, s: Tensor, s_mask: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Aggregation without a gate: query (N, T, d), already scaled by 1/sqrt(d), over the candidate's user's
-        S tokens s (B, La, d) -> pooled (N, T, d), weights (N, T, La)."""
-        return _dot_pool(query, per_candidate(s, cand_user), per_candidate(s_mask, cand_user))
+    def pools(self, queries: list[Tensor], s: Tensor, masks: list[Tensor], cand_user: Tensor | None
+              ) -> list[tuple[Tensor, Tensor]]:
+        """Aggregation without a gate: each query (N, T, d), already scaled by 1/sqrt(d), over the candidate's
+        user's S tokens s (B, La, d) where its mask (B, La) holds -> per query: pooled (N, T, d), weights
+        (N, T, La)."""
+        tokens = per_candidate(s, cand_user)  # (N, La, d)
+        return [_dot_pool(q, tokens, per_candidate(m, cand_user)) for q, m in zip(queries, masks, strict=True)]
 
-    def gated_pool(self, query: Tensor, gate_in: Tensor, polarity: Tensor, gate_cand: Tensor, cand_user: Tensor,
-                   s_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """TAPF over gate_in (U, La, d) per candidate, then the aggregation of its output -> (N, T, d), (N, T, La)."""
-        return _dot_pool(query, self.gated(gate_in, polarity, gate_cand, cand_user), per_candidate(s_mask, cand_user))
+    def gated_pools(self, queries: list[Tensor], gate_in: Tensor, polarity: Tensor, gate_cand: Tensor,
+                    cand_user: Tensor, masks: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """TAPF over gate_in (U, La, d) per candidate (once), then each query's aggregation of its output over its
+        mask (U, La) -> per query: (N, T, d), (N, T, La)."""
+        gated = self.gated(gate_in, polarity, gate_cand, cand_user)  # (N, La, d)
+        return [_dot_pool(q, gated, per_candidate(m, cand_user)) for q, m in zip(queries, masks, strict=True)]
 
     def run_stages(self, stages: OneTransStages, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor,
                    cand: Tensor, cand_user: Tensor | None, gate: bool) -> tuple[Tensor, Tensor]:
@@ -150,21 +164,26 @@ class OneTrans(SequenceCTRModel):
         if self.options.aggregate == "all":  # every token at the last layer that updated it
             s, s_mask = exits, mask
         s = self.s_norm(s) * s_mask.unsqueeze(-1).to(s.dtype)  # (B, La, d)
+        s_polarity = polarity[:, -s.shape[1]:]  # (B, La)
         ns = stages.pooling_ns(ns)  # (N, T, d)
-        query = self.agg_query(self.ns_norm(ns)) / math.sqrt(ns.shape[-1])  # (N, T, d)
+        normed, scale = self.ns_norm(ns), math.sqrt(ns.shape[-1])
+        queries, masks, outs = [self.agg_query(normed) / scale], [s_mask], [self.agg_out]  # query (N, T, d)
+        if self.polarity_pools:  # one pool over the clicks, one over the skips (masks (B, La))
+            queries.append(self.agg_query_neg(normed) / scale)
+            masks, outs = [s_mask & (s_polarity > 0), s_mask & (s_polarity < 0)], [self.agg_out, self.agg_out_neg]
         if gate:
             assert cand_user is not None or tokens.shape[0] == cand.shape[0]
             users = cand_user if cand_user is not None else torch.arange(cand.shape[0], device=cand.device)
             # The encoded tokens are RMS-normalised: the gate's candidate must be on their scale, or the
             # interaction h ⊙ e_v (eq. 3) starts ~15x smaller than h and the signed term learns slowly.
-            pooled, weights = stages.gated_pool(query, self.gate_tokens(s, tokens, mask), polarity[:, -s.shape[1]:],
-                                                self.cand_norm(cand), users, s_mask)
+            pooled = stages.gated_pools(queries, self.gate_tokens(s, tokens, mask), s_polarity, self.cand_norm(cand),
+                                        users, masks)
         else:
-            pooled, weights = stages.pool(query, s, s_mask, cand_user)
-        ns = ns + self.agg_out(pooled)
+            pooled = stages.pools(queries, s, masks, cand_user)
+        for (agg, _), out in zip(pooled, outs, strict=True):
+            ns = ns + out(agg)
         logits = self.head(self.ns_norm(ns).flatten(1)).squeeze(-1)
-        token_weights = weights.mean(1)  # (N, La) -> align with the L input positions
-        return logits, F.pad(token_weights, (length - token_weights.shape[1], 0))
+        return logits, F.pad(token_shares(pooled), (length - s.shape[1], 0))  # (N, La) -> the L input positions
 
     def gate_tokens(self, s: Tensor, tokens: Tensor, mask: Tensor) -> Tensor:
         """What TAPF calibrates (encoded placement): s (U, La, d) encoded tokens -> (U, La, d). With
@@ -199,10 +218,23 @@ class OneTransStages(Protocol):
 
     def pooling_ns(self, ns: Tensor) -> Tensor: ...
 
-    def pool(self, query: Tensor, s: Tensor, s_mask: Tensor, cand_user: Tensor | None) -> tuple[Tensor, Tensor]: ...
+    def pools(self, queries: list[Tensor], s: Tensor, masks: list[Tensor], cand_user: Tensor | None
+              ) -> list[tuple[Tensor, Tensor]]: ...
 
-    def gated_pool(self, query: Tensor, gate_in: Tensor, polarity: Tensor, gate_cand: Tensor, cand_user: Tensor,
-                   s_mask: Tensor) -> tuple[Tensor, Tensor]: ...
+    def gated_pools(self, queries: list[Tensor], gate_in: Tensor, polarity: Tensor, gate_cand: Tensor,
+                    cand_user: Tensor, masks: list[Tensor]) -> list[tuple[Tensor, Tensor]]: ...
+
+
+def token_shares(pooled: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The `attention` output: each pool's weights (N, T, La) averaged over the T NS queries, summed over the
+    pools and divided by the number of pools that had a token -> (N, La), every row summing to 1 (0 with no
+    history). With polarity pools and both polarities present, clicks and skips therefore hold half each."""
+    shares = pooled[0][1].mean(1)  # (N, La)
+    if len(pooled) == 1:
+        return shares
+    for _, weights in pooled[1:]:
+        shares = shares + weights.mean(1)
+    return shares / shares.sum(-1, keepdim=True).clamp(min=1.0)
 
 
 def _dot_pool(query: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -42,14 +42,18 @@ from model.training.batches import to_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 # Bundle name -> (arch, seq variant): every arch with the TAPF gate, and some without a gate.
-VARIANTS = {"onetrans": ("onetrans", "mix-tapf"), "din": ("din", "mix-tapf"),
+VARIANTS = {"onetrans": ("onetrans", "mix-tapf"), "onetrans-pools": ("onetrans", "mix-tapf"),
+            "din": ("din", "mix-tapf"),
             "transformer": ("transformer", "mix-tapf"), "transformer-pbe": ("transformer", "mix-pbe"),
             "hyformer": ("hyformer", "mix-tapf"), "hyformer-pbe": ("hyformer", "mix-pbe"),
             "mixformer": ("mixformer", "mix-tapf"), "mixformer-pbe": ("mixformer", "mix-pbe"),
             "sine": ("sine", "mix-pbe"), "din-pbe": ("din", "mix-pbe"), "din-one-pool": ("din", "mix-tapf")}
-# Bundle name -> its --model-overrides (DIN pools clicks and skips separately by default; this one pools them as one).
-OVERRIDES: dict[str, dict[str, object]] = {"din-one-pool": {"polarity_pools": False}}
 GATED = [name for name, (_, seq) in VARIANTS.items() if seq.endswith("tapf")]
+# Bundle name -> its --model-overrides beyond the defaults. DIN and OneTrans pool clicks and skips separately by
+# default (`polarity_pools`): "din-one-pool" and "onetrans" pool them as one, "onetrans-pools" separately.
+OVERRIDES: dict[str, dict[str, object]] = {"din-one-pool": {"polarity_pools": False},
+                                           "onetrans": {"polarity_pools": False},
+                                           "onetrans-pools": {"polarity_pools": True}}
 SEQ_LEN, D_MODEL = 10, 16
 
 
@@ -266,7 +270,8 @@ def test_fuse_pooling_export_is_one_pooling_node_with_parity(exported: dict[str,
     onnx.checker.check_model(model)
     # The query-token archs end in OneTrans's dot-product read-out; DIN and the Transformer in target attention.
     pooling = TAPF_DOT_POOL_OP if arch.startswith(("onetrans", "hyformer", "mixformer")) else TAPF_MLP_POOL_OP
-    n_pools = 2 if getattr(load_run(ex.run_dir).model, "polarity_pools", False) else 1  # one node per DIN pool
+    # DIN with `polarity_pools` calls the fused node once per polarity; OneTrans pools both through one node.
+    n_pools = 2 if arch.startswith("din") and getattr(load_run(ex.run_dir).model, "polarity_pools", False) else 1
     assert [n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")] == [pooling] * n_pools
     functions = {(f.domain, f.name): f for f in model.functions}
     assert set(functions) == {(TAPF_DOMAIN, TAPF_OP), (TAPF_DOMAIN, pooling)}

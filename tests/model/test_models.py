@@ -78,7 +78,9 @@ def test_onetrans_aggregates_every_token_or_only_the_pyramids_last(aggregate: st
                                     options=OneTransOptions(aggregate=aggregate)),
                         SPEC).eval()
     x = random_inputs(2, 6)
-    x["seq_mask"][:] = True  # full histories: every position is a real token
+    x["seq_mask"][:] = True  # full histories: every position is a real token (a click where it was padding)
+    x["seq_polarity"] = torch.where(x["seq_polarity"] == 0, 1, x["seq_polarity"])
+    x["seq_event"] = torch.where(x["seq_polarity"] > 0, 1, 2)
     weights = model.attention(**x)  # (N, L)
     kept = model.queries[-1]
     assert (weights[:, -kept:] > 0).all()
@@ -123,3 +125,70 @@ def test_onetrans_gate_reads_each_token_with_its_own_embedding() -> None:
     own = skip.s_norm(tokens) * x["seq_mask"].unsqueeze(-1)  # (U, L, d)
     torch.testing.assert_close(seen["skip"] - seen["plain"], own, atol=1e-5, rtol=1e-5)
     assert (seen["skip"][~x["seq_mask"]] == 0).all()
+
+
+def _pools_model(variant: str = "mix-tapf", placement: str = "encoded") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch="onetrans", seq_variant=variant, d_model=16, tapf_placement=placement,
+                                   options=OneTransOptions(polarity_pools=True)), SPEC).eval()
+
+
+@pytest.mark.parametrize(("variant", "placement"), [("mix-tapf", "encoded"), ("mix-tapf", "input"),
+                                                    ("mix-pbe", "encoded")])
+def test_onetrans_polarity_pools_give_clicks_and_skips_half_the_attention_each(variant: str, placement: str) -> None:
+    """`polarity_pools`: one softmax over the click tokens, one over the skip tokens. With both polarities in a
+    history each holds exactly half of the `attention` output (rows sum to 1); with clicks only, the clicks hold
+    all of it; an empty history gives a zero row and a finite score."""
+    model = _pools_model(variant, placement)
+    x = random_inputs(3, 8)
+    pol = x["seq_polarity"][x["cand_user"]]  # (N, L)
+    assert ((pol > 0).any(-1) & (pol < 0).any(-1)).all()  # every history holds both polarities
+    weights = model.attention(**x)  # (N, L)
+    half = torch.full((8,), 0.5)
+    torch.testing.assert_close((weights * (pol < 0)).sum(-1), half, atol=1e-5, rtol=0)
+    torch.testing.assert_close((weights * (pol > 0)).sum(-1), half, atol=1e-5, rtol=0)
+    clicks = {**x, "seq_polarity": x["seq_polarity"].abs(), "seq_event": x["seq_mask"].long()}
+    torch.testing.assert_close(model.attention(**clicks).sum(-1), torch.ones(8), atol=1e-5, rtol=0)
+    empty = {**x, "seq_mask": torch.zeros_like(x["seq_mask"])}
+    empty.update({k: x[k] * 0 for k in ("seq_item", "seq_category", "seq_polarity", "seq_event")})
+    assert (model.attention(**empty) == 0).all() and torch.isfinite(model(**empty)).all()
+
+
+def test_onetrans_skip_pool_has_its_own_query_and_output() -> None:
+    """The skip tokens' pool reads its own query (`agg_query_neg`): zeroing it spreads the skips' half evenly
+    over the skip tokens and leaves the clicks' weights as they were."""
+    model = _pools_model()
+    x = random_inputs(3, 8)
+    pol = x["seq_polarity"][x["cand_user"]]  # (N, L)
+    before = model.attention(**x)
+    with torch.no_grad():
+        model.agg_query_neg.weight.zero_()
+    after = model.attention(**x)
+    torch.testing.assert_close(after * (pol > 0), before * (pol > 0), atol=1e-6, rtol=0)
+    even = (0.5 / (pol < 0).sum(-1, keepdim=True)).expand_as(after)
+    torch.testing.assert_close(after[pol < 0], even[pol < 0], atol=1e-6, rtol=0)
+    assert not torch.allclose(before[pol < 0], after[pol < 0])
+
+
+def test_onetrans_polarity_pools_option_is_saved_and_changes_the_score() -> None:
+    on, off = ModelConfig(options=OneTransOptions(polarity_pools=True)), ModelConfig(
+        options=OneTransOptions(polarity_pools=False))
+    for cfg in (on, off):
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg == ModelConfig.from_saved(cfg.to_dict())
+    # A checkpoint saved before the field existed was trained with one pool: it loads as one pool, whatever
+    # the default for new models is.
+    old = on.to_dict()
+    del old["options"]["polarity_pools"]
+    assert ModelConfig.from_saved(old) == off
+    assert ModelConfig.from_dict(old) == ModelConfig()
+    model = _pools_model()
+    one = build_model(ModelConfig(arch="onetrans", seq_variant="mix-tapf", d_model=16,
+                                  options=OneTransOptions(polarity_pools=False)), SPEC).eval()
+    result = one.load_state_dict(model.state_dict(), strict=False)  # the one-pool model lacks only the skip pool
+    assert not result.missing_keys and set(result.unexpected_keys) == {"agg_query_neg.weight", "agg_out_neg.weight"}
+    x = random_inputs(2, 5)
+    assert not torch.allclose(model(**x), one(**x))
+    # A positive-only sequence has no skips to pool: no skip pool, whatever the option says.
+    pos = build_model(ModelConfig(arch="onetrans", seq_variant="pos", d_model=16), SPEC)
+    assert pos.options.polarity_pools and not any(name.startswith("agg_query_neg") for name, _ in
+                                                   pos.named_parameters())
