@@ -14,11 +14,11 @@ from export.serving.folded import FoldedTAPFGate, FoldedTargetAttention
 from export.serving.onetrans import ServingOneTrans
 from export.serving.unified import SERVING_MODULES, ServingQueryTokenCTR
 from model.models.ctr_model import SequenceCTRModel
-from model.models.din import DIN, polarity_masks, pooled_attention, target_head_logits
+from model.models.din import DIN, pooled_attention, target_head_logits
 from model.models.onetrans import OneTrans
 from model.models.transformer import TransformerCTR
 from model.models.unified import QueryTokenCTR
-from model.modules.attention import TargetAttention
+from model.modules.attention import TargetAttention, polarity_masks
 from model.modules.polarity_gate import TAPFGate
 
 

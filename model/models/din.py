@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from model.features.spec import FeatureSpec
 from model.models.config import DINOptions, ModelConfig
 from model.models.ctr_model import SequenceCTRModel
-from model.modules.attention import TargetAttention, attention_pool
+from model.modules.attention import TargetAttention, attention_pool, polarity_masks
 from model.modules.feedforward import MLP
 from model.modules.gather import per_candidate
 
@@ -28,11 +28,6 @@ def target_head_logits(head: nn.Module, pooled: Tensor | tuple[Tensor, ...], can
                          dim=-1)  # (N, (2P + 1) d + S)
     logits: Tensor = head(features).squeeze(-1)
     return logits
-
-
-def polarity_masks(mask: Tensor, polarity: Tensor) -> tuple[Tensor, Tensor]:
-    """mask (.., L) bool, polarity (.., L) in {-1, 0, +1} -> (click mask, skip mask), each (.., L) bool."""
-    return mask & (polarity > 0), mask & (polarity < 0)
 
 
 def pooled_attention(click_weights: Tensor, skip_weights: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from model.features.spec import FeatureSpec
 from model.models.config import ModelConfig, OneTransOptions
 from model.models.ctr_model import SequenceCTRModel
-from model.modules.attention import SelfAttentionBlock, masked_softmax, sequence_attention_mask
+from model.modules.attention import SelfAttentionBlock, masked_softmax, polarity_masks, sequence_attention_mask
 from model.modules.feedforward import MLP, RMSNorm
 from model.modules.gather import per_candidate
 
@@ -170,7 +170,7 @@ class OneTrans(SequenceCTRModel):
         queries, masks, outs = [self.agg_query(normed) / scale], [s_mask], [self.agg_out]  # query (N, T, d)
         if self.polarity_pools:  # one pool over the clicks, one over the skips (masks (B, La))
             queries.append(self.agg_query_neg(normed) / scale)
-            masks, outs = [s_mask & (s_polarity > 0), s_mask & (s_polarity < 0)], [self.agg_out, self.agg_out_neg]
+            masks, outs = list(polarity_masks(s_mask, s_polarity)), [self.agg_out, self.agg_out_neg]
         if gate:
             assert cand_user is not None or tokens.shape[0] == cand.shape[0]
             users = cand_user if cand_user is not None else torch.arange(cand.shape[0], device=cand.device)

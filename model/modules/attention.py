@@ -115,3 +115,8 @@ class TargetAttention(nn.Module):
         """
         scores, tokens = self.scores(tokens, cand, cand_user)  # (N, L), (N, L, d)
         return attention_pool(scores, per_candidate(mask, cand_user), tokens)
+
+
+def polarity_masks(mask: Tensor, polarity: Tensor) -> tuple[Tensor, Tensor]:
+    """mask (.., L) bool, polarity (.., L) in {-1, 0, +1} -> (click mask, skip mask), each (.., L) bool."""
+    return mask & (polarity > 0), mask & (polarity < 0)
