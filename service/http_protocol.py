@@ -19,6 +19,11 @@ middleware cannot do any of this; it has to be the protocol:
 - more than `max_connections` open: the connection idle the longest (no request in flight; one that never sent
   a whole head first) is closed to make room, like Apache's event MPM under pressure; when every connection has
   a request in flight the new one is answered 503 with Retry-After and closed.
+
+It also answers in one write (`one_write_protocol`, the guard's base class): uvicorn writes a response's status
+line and headers, then its body, as two writes to the socket, i.e. two system calls and, with TCP_NODELAY, two
+TCP segments, so a keep-alive client typically wakes up twice for one small answer. Here the head is held until
+the body's first write (or the end of the loop iteration, whichever comes first) and both go out together.
 """
 
 from __future__ import annotations
@@ -58,16 +63,76 @@ def error_response(status: int, code: str, message: str, *, retry_after_s: int |
     return b"\r\n".join(head) + HEAD_END + body
 
 
-def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
-    """uvicorn's httptools protocol class with `limits` (pass it as `uvicorn.run(..., http=<class>)`)."""
+class ResponseWrites:
+    """What a request's uvicorn cycle writes its answer to, in place of the connection's transport: the response
+    head (the cycle's first write once its response has started) is held and goes out with the first body write
+    in one `transport.write`; a head with no body write in the same loop iteration (a HEAD answer, a streamed body
+    whose first chunk is not ready yet) goes out alone at the next iteration, or when the cycle closes the
+    connection. Every other write passes straight through, in order (the 100 Continue interim answer, written
+    before the response starts, included)."""
+
+    __slots__ = ("_cycle", "_head", "_head_seen", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, *, cycle: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._loop = loop
+        self._head: bytes | None = None
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            self._transport.write(head + data)
+        elif not self._head_seen and self._cycle.response_started:
+            self._head_seen = True
+            self._head = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write a held head now (nothing when none is held, or the connection is already closing)."""
+        head, self._head = self._head, None
+        if head is not None and not self._transport.is_closing():
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
+def one_write_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol class whose request cycles write each answer's head and body in one write
+    (`ResponseWrites`); pass it as `uvicorn.run(..., http=<class>)`."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class OneWriteHttpToolsProtocol(HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            previous = self.cycle
+            super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not previous and cycle is not None:  # a new request (not an upgrade): before its task runs
+                cycle.transport = ResponseWrites(self.transport, cycle=cycle, loop=self.loop)  # type: ignore[assignment]
+
+    return OneWriteHttpToolsProtocol
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol class with `limits` and one write per answer (`one_write_protocol`); pass it
+    as `uvicorn.run(..., http=<class>)`."""
+    base: Any = one_write_protocol()
 
     warnings = ThrottledWarning(logger=log)
     # uvicorn logs every unparseable request as an anonymous warning line; the guard logs it throttled, with the
     # client's address (send_400_response below).
     logging.getLogger("uvicorn.error").addFilter(_without_uvicorn_invalid_request_lines)
 
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    class GuardedHttpToolsProtocol(base):  # type: ignore[misc,valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.in_head = True  # between requests or inside a request's head

@@ -195,7 +195,8 @@ def bench_tax(candidate_counts: tuple[int, ...] = (1, 100, 500), requests: int =
         f"{min(USERS, 20)} users with full histories (~120 events of each polarity) in a local redis-server",
         f"- service: its own process, `inference_threads={THREADS}`, `inference_workers=1`, `inference_shards=1` "
         "(one request at a time gets every core, as the bare session does), other settings default (small "
-        "requests infer on the event loop: `inference_inline_max_candidates`)",
+        "requests infer on the event loop: `inference_inline_max_candidates`), served over the HTTP protocol of "
+        "`polarity serve` when the checkout's bench server has it (`loadtest.harness.bench_server`)",
         f"- closed loop: one keep-alive client (a fresh connection per round, its first request untimed), one "
         f"request at a time; {rounds} rounds of {requests} requests "
         f"(half at N=500) per service, each round followed by as many runs of the bare session ({THREADS} threads, "

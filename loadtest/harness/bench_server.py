@@ -8,7 +8,8 @@ Backends (the same model each time):
   arange) — what a naive per-candidate export computes (`loadtest.bench.inference._per_candidate`);
 - `torch`: the run's checkpoint in torch eager (`loadtest.harness.torch_backend`).
 
-A separate process, so the load generator's CPU and GIL never share the server's.
+A separate process, so the load generator's CPU and GIL never share the server's; served over the HTTP protocol
+`polarity serve` uses (`service.http_protocol.guarded_protocol`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.http_protocol import guarded_protocol
     from service.settings import Settings
+    from service.startup import connection_limits
 
     p = argparse.ArgumentParser(prog="python -m loadtest.harness.bench_server")
     p.add_argument("--bundle", type=Path, required=True)
@@ -97,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         inference_threads=args.threads, inference_workers=args.workers, inference_shards=args.shards,
                         inference_spinning=args.spinning, score_redis_budget_ms=2000,
                         redis_timeout_ms=2000, log_level="warning", **extra)
+    # The HTTP protocol `polarity serve` runs (service/http_protocol.py): the connection guard, one write per answer.
     uvicorn.run(create_app(settings, backend_factory=factory), host="127.0.0.1", port=args.port,
-                log_level="warning", access_log=False, lifespan="on")
+                log_level="warning", access_log=False, lifespan="on",
+                http=guarded_protocol(connection_limits(settings)), timeout_keep_alive=settings.keep_alive_timeout_s)
     return 0
 
 

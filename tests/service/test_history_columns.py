@@ -109,3 +109,33 @@ def test_fixed_width_cuts_and_pads() -> None:
     assert packed.fixed_width().tolist() == [b"ab", b"", "é".encode(), b"", b"abcdef"]
     assert packed.fixed_width(3).tolist() == [b"ab", b"", "é".encode(), b"", b"abc"]
     assert np.array_equal(packed.lengths, [2, 0, 2, 0, 6])
+
+
+@pytest.mark.parametrize("with_category", [False, True], ids=["no-category", "category"])
+def test_a_history_of_one_layout_decodes_to_the_same_columns(with_category: bool) -> None:
+    """Every payload `["i","e",null]`, or every one `["i","e","c"]`: the usual history, decoded by its own shorter
+    path (one reshape of the quotes' positions)."""
+    rng = random.Random(13)
+    for n in (1, 2, 64):
+        events = [(seq, ts, item, event, (_string(rng, escapes=False, min_len=0) if with_category else None))
+                  for seq, ts, item, event, _ in _events(rng, n, escapes=False)]
+        h = decode_history(_reply(events))
+        assert (h.item_ids, h.events, h.categories) == ([e[2] for e in events], [e[3] for e in events],
+                                                         [e[4] for e in events])
+        assert h.timestamps.tolist() == [e[1] for e in events] and h.seqs.tolist() == [e[0] for e in events]
+        assert (h.category.null is not None and h.category.null.all()) == (not with_category)
+
+
+@pytest.mark.parametrize("reply", [
+    b'0000000000000001:["i","click",nulx]\n1.5',  # four quotes where they belong, the rest not `,null]`
+    b'0000000000000001:["i""click",null]\n1.5',
+    b'0000000000000001:["i","click","c"}\n1.5',
+    b'0000000000000001:["i","click"."c"]\n1.5',
+    # eight quotes for two events, five in the first and three in the second
+    b'0000000000000001:["a"","e",null]\n1.0\n0000000000000002:["b,"e",null]\n2.0',
+    # twelve quotes for two events, seven and five
+    b'0000000000000001:["a"","e","c"]\n1.0\n0000000000000002:["b,"e","c"]\n2.0',
+])
+def test_damaged_replies_of_one_layout_are_refused(reply: bytes) -> None:
+    with pytest.raises(DamagedHistory):
+        decode_history(reply)
