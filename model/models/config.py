@@ -18,6 +18,7 @@ from model.features.spec import SpecError, from_dict_strict
 SEQ_VARIANTS = ("pos", "mix-pbe", "mix-tapf", "pos-tapf")
 TAPF_PLACEMENTS = ("encoded", "input")
 AGGREGATE_TOKENS = ("all", "final")
+NS_LAYER_TOKENS = ("all", "clicks")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,12 +75,20 @@ class OneTransOptions(ArchOptions):
     # DFN pools its feedback sequences). Mixed sequences only: a positive-only sequence has no skips to pool.
     # BENCHMARKS.md *OneTrans: one aggregation pool per polarity*: skip response 91% vs 73% of users, 3 seeds.
     polarity_pools: bool = True
+    # What the NS tokens read from the S tokens in each layer of the stack: "all" = clicks and skips in one softmax
+    # (skips, the more numerous, crowd the clicks out of the mass: mix-pbe fell below positive-only); "clicks" = the
+    # click tokens only, so the skips reach the NS tokens through their own pool at the end (`polarity_pools`) and,
+    # inside the S stack, through the click tokens that attend to them. No effect on a positive-only sequence.
+    ns_layers_read: str = "clicks"
 
-    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False}  # checkpoints before it had one pool
+    # Checkpoints written before a field existed were trained with its old behaviour.
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False, "ns_layers_read": "all"}
 
     def __post_init__(self) -> None:
         if self.n_ns_tokens < 1:
             raise SpecError(f"n_ns_tokens must be >= 1, got {self.n_ns_tokens}")
+        if self.ns_layers_read not in NS_LAYER_TOKENS:
+            raise SpecError(f"ns_layers_read must be one of {NS_LAYER_TOKENS}, got {self.ns_layers_read!r}")
         if self.aggregate not in AGGREGATE_TOKENS:
             raise SpecError(f"aggregate must be one of {AGGREGATE_TOKENS}, got {self.aggregate!r}")
         if not 0.0 < self.pyramid_final <= 1.0:

@@ -10,6 +10,8 @@
 - TAPF ("encoded" placement) gates the S tokens per candidate, each at its last pyramid state
   (`aggregate="all"`) or only the ones the last layer kept (`"final"`); the NS tokens aggregate the
   gated tokens with dot-product attention and the head reads the final NS tokens.
+- In every layer the NS tokens read the S tokens' keys and values; with `ns_layers_read="clicks"` (the default)
+  only the click tokens', so skips never take attention mass from clicks there (see `OneTransOptions`).
 - The aggregation is one softmax over all S tokens, or with `polarity_pools` (the default for a mixed sequence)
   one over the click tokens and one over the skip tokens, each with its own query and output projection (as DFN
   pools click and unclick sequences separately): skips then always get an attention mass of their own, so
@@ -155,10 +157,12 @@ class OneTrans(SequenceCTRModel):
         length = tokens.shape[1]
         ns = stages.initial_ns(cand, stats, cand_user)
         s, s_mask, exits = tokens, mask, tokens  # exits (B, L, d): every token's latest state
+        clicks_only = self.options.ns_layers_read == "clicks"
         for index, (block, n_q) in enumerate(zip(self.s_blocks, self.queries, strict=True)):
             att_mask = sequence_attention_mask(s_mask, causal=True, n_queries=n_q)  # (B, 1, Q, Ls)
             s_next, keys, values = cast(SelfAttentionBlock, block).attend(s, att_mask, n_q)
-            ns = stages.ns_layer(index, ns, keys, values, s_mask, cand_user)
+            read = s_mask & (polarity[:, -s.shape[1]:] > 0) if clicks_only else s_mask  # (B, Ls) what NS reads
+            ns = stages.ns_layer(index, ns, keys, values, read, cand_user)
             s, s_mask = s_next, s_mask[:, -n_q:]
             exits = torch.cat([exits[:, : exits.shape[1] - n_q], s], dim=1)
         if self.options.aggregate == "all":  # every token at the last layer that updated it

@@ -192,3 +192,45 @@ def test_onetrans_polarity_pools_option_is_saved_and_changes_the_score() -> None
     pos = build_model(ModelConfig(arch="onetrans", seq_variant="pos", d_model=16), SPEC)
     assert pos.options.polarity_pools and not any(name.startswith("agg_query_neg") for name, _ in
                                                    pos.named_parameters())
+
+
+def _ns_reads_model(read: str, variant: str = "mix-pbe") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(arch="onetrans", seq_variant=variant, d_model=16,
+                                   options=OneTransOptions(ns_layers_read=read)), SPEC).eval()
+
+
+def test_onetrans_ns_layers_read_clicks_keeps_skips_out_of_the_ns_layers() -> None:
+    """`ns_layers_read="clicks"`: the NS tokens read no skip token in the stack's layers. The most recent token is a
+    skip that no other token attends to (causal); with the skip pool's output zeroed it can then only reach the score
+    through the NS layers: it does with "all", and not with "clicks"."""
+    x = random_inputs(3, 8)
+    x["seq_polarity"][:, -1] = -1
+    x["seq_event"][:, -1] = 2
+    changed = {**x, "seq_item": x["seq_item"].clone()}
+    changed["seq_item"][:, -1] = (x["seq_item"][:, -1] + 7) % 48 + 2
+    for read, moves in (("all", True), ("clicks", False)):
+        model = _ns_reads_model(read)
+        with torch.no_grad():
+            model.agg_out_neg.weight.zero_()
+        before, after = model(**x), model(**changed)
+        assert torch.isfinite(after).all()
+        assert (not torch.allclose(before, after, atol=1e-6)) is moves, read
+
+
+def test_onetrans_ns_layers_read_is_saved_and_leaves_positive_only_models_alone() -> None:
+    # A checkpoint saved before the field existed had its NS tokens read every token.
+    old = ModelConfig(options=OneTransOptions(ns_layers_read="clicks")).to_dict()
+    del old["options"]["ns_layers_read"]
+    assert ModelConfig.from_saved(old).arch_options(OneTransOptions).ns_layers_read == "all"
+    assert ModelConfig.from_dict(old).arch_options(OneTransOptions).ns_layers_read == "clicks"
+    with pytest.raises(SpecError, match="ns_layers_read"):
+        OneTransOptions(ns_layers_read="skips")
+    # Same weights, a positive-only sequence: every token is a click, so both settings read the same tokens.
+    x = random_inputs(2, 6)
+    x.update(seq_polarity=x["seq_polarity"].abs(), seq_event=x["seq_mask"].long())
+    clicks, every = _ns_reads_model("clicks", "pos"), _ns_reads_model("all", "pos")
+    torch.testing.assert_close(clicks(**x), every(**x), atol=1e-6, rtol=0)
+    # A user without any click (all skips): the NS tokens read no S token at all and the score stays finite.
+    skips = {**x, "seq_polarity": -x["seq_polarity"], "seq_event": 2 * x["seq_mask"].long()}
+    assert torch.isfinite(_ns_reads_model("clicks")(**skips)).all()
