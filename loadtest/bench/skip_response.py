@@ -45,11 +45,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "demo-pools": ("demo-sized, one aggregation pool per polarity (`polarity_pools=true`)",
                    {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
                     "model_overrides": {"polarity_pools": True}}),
-    # What the NS tokens read in the stack's layers: the click tokens (`ns_layers_read="clicks"`, the default) or
-    # every token (before, issue 19).
-    "demo-ns-all": ("demo-sized, the NS layers read clicks and skips (`ns_layers_read=all`)",
-                    {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
-                     "model_overrides": {"ns_layers_read": "all"}}),
+    # What the NS tokens read in the stack's layers: the click tokens only, against every token (the default).
+    "demo-ns-clicks": ("demo-sized, the NS layers read the click tokens only (`ns_layers_read=clicks`)",
+                       {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
+                        "model_overrides": {"ns_layers_read": "clicks"}}),
     "demo-one-pool": ("demo-sized, one aggregation pool over clicks and skips (`polarity_pools=false`)",
                       {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
                        "model_overrides": {"polarity_pools": False}}),

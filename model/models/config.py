@@ -75,14 +75,14 @@ class OneTransOptions(ArchOptions):
     # DFN pools its feedback sequences). Mixed sequences only: a positive-only sequence has no skips to pool.
     # BENCHMARKS.md *OneTrans: one aggregation pool per polarity*: skip response 91% vs 73% of users, 3 seeds.
     polarity_pools: bool = True
-    # What the NS tokens read from the S tokens in each layer of the stack: "all" = clicks and skips in one softmax
-    # (skips, the more numerous, crowd the clicks out of the mass: mix-pbe fell below positive-only); "clicks" = the
-    # click tokens only, so the skips reach the NS tokens through their own pool at the end (`polarity_pools`) and,
-    # inside the S stack, through the click tokens that attend to them. No effect on a positive-only sequence.
-    ns_layers_read: str = "clicks"
+    # What the NS tokens read from the S tokens in each layer of the stack: "all" = clicks and skips in one softmax;
+    # "clicks" = the click tokens only (skips then reach the NS tokens through their own pool at the end,
+    # `polarity_pools`, and through the click tokens that attend to them in the S stack). No effect on a positive-only
+    # sequence. BENCHMARKS.md *OneTrans: what the NS layers read*: "clicks" lifts mix-pbe from below positive-only to
+    # above it and costs the served mix-tapf a little (L=100, 3 seeds), so the default stays "all".
+    ns_layers_read: str = "all"
 
-    # Checkpoints written before a field existed were trained with its old behaviour.
-    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False, "ns_layers_read": "all"}
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"polarity_pools": False}  # checkpoints before it had one pool
 
     def __post_init__(self) -> None:
         if self.n_ns_tokens < 1:

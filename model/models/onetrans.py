@@ -10,7 +10,7 @@
 - TAPF ("encoded" placement) gates the S tokens per candidate, each at its last pyramid state
   (`aggregate="all"`) or only the ones the last layer kept (`"final"`); the NS tokens aggregate the
   gated tokens with dot-product attention and the head reads the final NS tokens.
-- In every layer the NS tokens read the S tokens' keys and values; with `ns_layers_read="clicks"` (the default)
+- In every layer the NS tokens read the S tokens' keys and values: all of them, or with `ns_layers_read="clicks"`
   only the click tokens', so skips never take attention mass from clicks there (see `OneTransOptions`).
 - The aggregation is one softmax over all S tokens, or with `polarity_pools` (the default for a mixed sequence)
   one over the click tokens and one over the skip tokens, each with its own query and output projection (as DFN

@@ -219,11 +219,12 @@ def test_onetrans_ns_layers_read_clicks_keeps_skips_out_of_the_ns_layers() -> No
 
 
 def test_onetrans_ns_layers_read_is_saved_and_leaves_positive_only_models_alone() -> None:
-    # A checkpoint saved before the field existed had its NS tokens read every token.
-    old = ModelConfig(options=OneTransOptions(ns_layers_read="clicks")).to_dict()
+    clicks = ModelConfig(options=OneTransOptions(ns_layers_read="clicks"))
+    assert ModelConfig.from_saved(clicks.to_dict()) == clicks == ModelConfig.from_dict(clicks.to_dict())
+    # A checkpoint saved before the field existed had its NS tokens read every token, today's default.
+    old = clicks.to_dict()
     del old["options"]["ns_layers_read"]
     assert ModelConfig.from_saved(old).arch_options(OneTransOptions).ns_layers_read == "all"
-    assert ModelConfig.from_dict(old).arch_options(OneTransOptions).ns_layers_read == "clicks"
     with pytest.raises(SpecError, match="ns_layers_read"):
         OneTransOptions(ns_layers_read="skips")
     # Same weights, a positive-only sequence: every token is a click, so both settings read the same tokens.
