@@ -138,9 +138,7 @@ class ServingOneTrans(nn.Module):
 
     def pools(self, queries: list[Tensor], s: Tensor, masks: list[Tensor], cand_user: Tensor | None
               ) -> list[tuple[Tensor, Tensor]]:
-        agg = per_candidate(s, cand_user)  # (N, La, d)
-        return [masked_pool(torch.matmul(q, agg.transpose(1, 2)), per_candidate(m, cand_user)[:, None, :], agg)
-                for q, m in zip(queries, masks, strict=True)]
+        return _pool_each(queries, per_candidate(s, cand_user), masks, cand_user)
 
     def gated_pools(self, queries: list[Tensor], gate_in: Tensor, polarity: Tensor, gate_cand: Tensor,
                     cand_user: Tensor, masks: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -157,9 +155,7 @@ class ServingOneTrans(nn.Module):
             pooled, weights = gate.dot_pool(gate_in.repeat(k, 1, 1), polarity.repeat(k, 1), gate_cand.repeat(k, 1),
                                             users, torch.cat(masks), torch.cat(queries))  # (k*N, T, d), (k*N, T, La)
             return [(pooled[i * n:(i + 1) * n], weights[i * n:(i + 1) * n]) for i in range(k)]
-        agg = gate(gate_in, polarity, gate_cand, cand_user)  # (N, La, d)
-        return [masked_pool(torch.matmul(q, agg.transpose(1, 2)), per_candidate(m, cand_user)[:, None, :], agg)
-                for q, m in zip(queries, masks, strict=True)]
+        return _pool_each(queries, gate(gate_in, polarity, gate_cand, cand_user), masks, cand_user)
 
     def forward(self, *, tokens: Tensor, polarity: Tensor, mask: Tensor, stats: Tensor, cand: Tensor,
                 cand_user: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,3 +163,11 @@ class ServingOneTrans(nn.Module):
         m = self.model
         return m.run_stages(self, tokens=tokens, polarity=polarity, mask=mask, stats=stats, cand=cand,
                             cand_user=cand_user, gate=m.gate is not None)
+
+
+def _pool_each(queries: list[Tensor], tokens: Tensor, masks: list[Tensor], cand_user: Tensor | None
+               ) -> list[tuple[Tensor, Tensor]]:
+    """Each query (N, T, d) over its candidate's tokens (N, La, d) where its user's mask (U, La) holds, one MatMul
+    per candidate -> per query: pooled (N, T, d), weights (N, T, La)."""
+    return [masked_pool(torch.matmul(q, tokens.transpose(1, 2)), per_candidate(m, cand_user)[:, None, :], tokens)
+            for q, m in zip(queries, masks, strict=True)]

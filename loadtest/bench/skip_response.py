@@ -36,22 +36,21 @@ from loadtest.skip_response import (
 # The world of issue 19's measurement: `polarity synth --users 3000 --items 8000 --events 600000 --seed 0`.
 WORLD = {"users": 3000, "items": 8000, "events": 600_000, "seed": 0}
 
+# The demo's training shape (`polarity demo`); the demo-sized variants below add model overrides to it.
+_DEMO: dict[str, Any] = {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000}
+
 # shape -> (label, TrainConfig fields beyond the data, arch and sequence)
 MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": ("demo-sized (`polarity demo`: L=20, d=32, batch 256, lr 2e-3, 100k training samples)",
-             {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000}),
+    "demo": ("demo-sized (`polarity demo`: L=20, d=32, batch 256, lr 2e-3, 100k training samples)", _DEMO),
     "l100": ("`polarity train` default (L=100, d=64, the whole training part)", {}),
     # OneTrans's aggregation with one pool per polarity (`polarity_pools`) against one pool (issue 19).
     "demo-pools": ("demo-sized, one aggregation pool per polarity (`polarity_pools=true`)",
-                   {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
-                    "model_overrides": {"polarity_pools": True}}),
+                   {**_DEMO, "model_overrides": {"polarity_pools": True}}),
     # What the NS tokens read in the stack's layers: the click tokens only, against every token (the default).
     "demo-ns-clicks": ("demo-sized, the NS layers read the click tokens only (`ns_layers_read=clicks`)",
-                       {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
-                        "model_overrides": {"ns_layers_read": "clicks"}}),
+                       {**_DEMO, "model_overrides": {"ns_layers_read": "clicks"}}),
     "demo-one-pool": ("demo-sized, one aggregation pool over clicks and skips (`polarity_pools=false`)",
-                      {"seq_len": 20, "d_model": 32, "batch_size": 256, "lr": 2e-3, "max_train_samples": 100_000,
-                       "model_overrides": {"polarity_pools": False}}),
+                      {**_DEMO, "model_overrides": {"polarity_pools": False}}),
 }
 
 

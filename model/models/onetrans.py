@@ -161,7 +161,7 @@ class OneTrans(SequenceCTRModel):
         for index, (block, n_q) in enumerate(zip(self.s_blocks, self.queries, strict=True)):
             att_mask = sequence_attention_mask(s_mask, causal=True, n_queries=n_q)  # (B, 1, Q, Ls)
             s_next, keys, values = cast(SelfAttentionBlock, block).attend(s, att_mask, n_q)
-            read = s_mask & (polarity[:, -s.shape[1]:] > 0) if clicks_only else s_mask  # (B, Ls) what NS reads
+            read = polarity_masks(s_mask, polarity[:, -s.shape[1]:])[0] if clicks_only else s_mask  # (B, Ls)
             ns = stages.ns_layer(index, ns, keys, values, read, cand_user)
             s, s_mask = s_next, s_mask[:, -n_q:]
             exits = torch.cat([exits[:, : exits.shape[1] - n_q], s], dim=1)
